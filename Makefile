@@ -1,0 +1,53 @@
+# fairseq-moe: set-up, tests and the main job. Every target that needs Python depends on
+# `install`, which is idempotent: it rebuilds .venv only when a requirements file or setup.py
+# changed since the last successful install.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+FAIRSEQ_DIST ?= fairseq-fixed==0.12.3.1
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo lint format clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements/fairseq-runtime.txt requirements/plugin.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	@# torch: keep whatever torch the environment already has (a GPU build, say); else the CPU 2.13.0.
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	    echo "install: keeping torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else $(PIP) install "torch==$(TORCH_VERSION)"; fi
+	@# Pin the torch we have, so that no later step can replace it.
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -c $(VENV)/torch-constraint.txt -r requirements/fairseq-runtime.txt
+	@if $(PY) -c "import fairseq" 2>/dev/null; then echo "install: fairseq already importable"; \
+	else echo "install: building $(FAIRSEQ_DIST) (about 5 minutes the first time)"; \
+	    $(PIP) install --no-deps --no-build-isolation "$(FAIRSEQ_DIST)"; fi
+	$(PIP) install -c $(VENV)/torch-constraint.txt -r requirements/plugin.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	@$(PY) -c "import torch, fairseq, fairseq_moe_plugin; print('install: ok, torch', torch.__version__, 'fairseq', fairseq.__version__)"
+	@touch $(STAMP)
+
+# The README's test command. Slow tests (the end-to-end run) are included.
+test: install
+	$(PY) -m pytest -ra $(PYTEST_ARGS) tests
+
+test-fast: install
+	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS) tests
+
+demo: install
+	bash examples/translation/demo.sh
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

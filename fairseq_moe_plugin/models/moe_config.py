@@ -1,0 +1,134 @@
+"""The MoE options of ``moe_transformer`` (and later MoE models): one dataclass, with help text,
+from which the command-line flags and the README's flags table are generated."""
+
+
+import logging
+from argparse import Namespace
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.utils import get_available_activation_fns
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_CHOICES = ChoiceEnum(get_available_activation_fns())
+
+
+@dataclass
+class MoEConfig(FairseqDataclass):
+    moe_expert_count: int = field(
+        default=8, metadata={"help": "number of experts E in every MoE layer (>= 1)"}
+    )
+    moe_top_k: int = field(
+        default=2, metadata={"help": "experts per token k, 1 <= k <= --moe-expert-count"}
+    )
+    moe_normalize_top_k: bool = field(
+        default=False,
+        metadata={
+            "help": "rescale the k chosen gate probabilities to sum to 1 (GShard/Mixtral style); "
+            "by default they are the raw softmax probabilities (Switch style). With k=1 "
+            "normalising makes every weight 1, so the router learns only from the aux losses"
+        },
+    )
+    moe_capacity_factor: float = field(
+        default=1.25,
+        metadata={
+            "help": "training capacity per expert = ceil(factor * k * tokens / E); "
+            "<= 0 means dropless (no token is ever dropped)"
+        },
+    )
+    moe_eval_capacity_factor: float = field(
+        default=0.0,
+        metadata={
+            "help": "capacity factor in evaluation and generation; <= 0 (default) means "
+            "dropless, so a token's routing never depends on the rest of the batch"
+        },
+    )
+    moe_jitter_eps: float = field(
+        default=0.0,
+        metadata={
+            "help": "multiplicative jitter on the router input in training, "
+            "x * U(1-eps, 1+eps) (Switch Transformer sec. 2.4); 0 disables it"
+        },
+    )
+    moe_expert_ffn_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "hidden size of every expert; default: the layer's FFN size"},
+    )
+    moe_activation_fn: Optional[ACTIVATION_CHOICES] = field(
+        default=None,
+        metadata={"help": "activation inside the experts; default: --activation-fn"},
+    )
+    encoder_moe_freq: int = field(
+        default=2,
+        metadata={
+            "help": "every N-th encoder layer (layers N-1, 2N-1, ... counting from 0) has an "
+            "MoE FFN; 0 = none (the dense transformer)"
+        },
+    )
+    decoder_moe_freq: int = field(
+        default=2,
+        metadata={
+            "help": "every N-th decoder layer (layers N-1, 2N-1, ... counting from 0) has an "
+            "MoE FFN; 0 = none (the dense transformer)"
+        },
+    )
+
+
+def moe_config_defaults(args: Namespace) -> None:
+    """Fill every MoE option ``args`` lacks with the dataclass default (architectures call this
+    after setting their own values, so presets can change defaults)."""
+    for f in fields(MoEConfig):
+        if getattr(args, f.name, None) is None:
+            setattr(args, f.name, f.default)
+
+
+def moe_config_from_namespace(args: Namespace) -> MoEConfig:
+    cfg = MoEConfig()
+    for f in fields(MoEConfig):
+        if hasattr(args, f.name):
+            setattr(cfg, f.name, getattr(args, f.name))
+    if cfg.moe_activation_fn is not None:
+        cfg.moe_activation_fn = str(cfg.moe_activation_fn)
+    return cfg
+
+
+def is_moe_layer(layer_index: int, freq: int) -> bool:
+    """Layer ``layer_index`` (from 0) is MoE when ``freq > 0`` and ``(layer_index + 1) % freq == 0``."""
+    return freq > 0 and (layer_index + 1) % freq == 0
+
+
+def validate_moe_args(args: Namespace) -> None:
+    """Reject impossible MoE settings with a message that names the flag."""
+    E, k = args.moe_expert_count, args.moe_top_k
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"moe_transformer: {msg}")
+
+    if E < 1:
+        fail(f"--moe-expert-count must be >= 1, got {E}")
+    if not 1 <= k <= E:
+        fail(f"--moe-top-k must be between 1 and --moe-expert-count ({E}), got {k}")
+    for flag in ("encoder_moe_freq", "decoder_moe_freq"):
+        if getattr(args, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0 (0 = no MoE layers), "
+                 f"got {getattr(args, flag)}")
+    if args.moe_expert_ffn_dim is not None and args.moe_expert_ffn_dim < 1:
+        fail(f"--moe-expert-ffn-dim must be >= 1, got {args.moe_expert_ffn_dim}")
+    if not 0.0 <= args.moe_jitter_eps < 1.0:
+        fail(f"--moe-jitter-eps must be in [0, 1), got {args.moe_jitter_eps}")
+    activation = args.moe_activation_fn
+    if activation is not None and str(activation) not in get_available_activation_fns():
+        fail(f"--moe-activation-fn {activation!r} is not one of {get_available_activation_fns()}")
+    if getattr(args, "scale_fc", False) and args.decoder_moe_freq > 0:
+        fail("--scale-fc (a LayerNorm inside the dense FFN) cannot be combined with MoE "
+             "decoder layers; set --decoder-moe-freq 0 or drop --scale-fc")
+    for side in ("encoder", "decoder"):
+        freq, layers = getattr(args, f"{side}_moe_freq"), getattr(args, f"{side}_layers")
+        if freq > layers:
+            logger.warning(f"--{side}-moe-freq {freq} > --{side}-layers {layers}: "
+                           f"the {side} has no MoE layer")
+    if k == 1 and args.moe_normalize_top_k:
+        logger.warning("--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "
+                       "the router then learns only from the balance and z losses")

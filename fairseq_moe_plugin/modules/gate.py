@@ -1,0 +1,210 @@
+"""Top-k router ("gate") for sparse Mixture-of-Experts layers, and its auxiliary losses.
+
+Everything here takes plain arguments and works without fairseq. Tokens are flattened:
+``N`` non-padding tokens, ``E`` experts, ``k`` experts per token. Padding never reaches the gate:
+the MoE layer removes it first, so every statistic below is over real tokens only.
+
+Capacity policy (documented, deterministic). When ``capacity = ceil(capacity_factor * k * N / E)``
+binds, each expert keeps the assignments with the best priority and drops the rest, where the
+priority orders assignments by
+
+1. choice rank (all first choices before any second choice, ...), as in batch-prioritised
+   routing (Riquelme et al., 2021, "Scaling Vision with Sparse Mixture of Experts", sec. 4.1) and
+   fairseq's nllb top-2 gate;
+2. then gate probability, highest first;
+3. then token position in the flattened batch, first first (ties only).
+
+So the kept set never depends on a random draw, and a token that an expert values most is the
+last to be dropped. A capacity factor <= 0 means dropless: nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def load_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer load-balancing loss.
+
+    Fedus, Zoph & Shazeer (2021), "Switch Transformers", eq. 4-6:
+    ``loss = E * sum_i f_i * P_i`` where ``f_i`` is the fraction of routing choices sent to expert
+    ``i`` (counted over all k choices of every token, divided by k, before capacity drops) and
+    ``P_i`` the mean router probability of expert ``i`` (the full softmax). Both are over the
+    tokens given, which must be non-padding tokens. It equals 1.0 when routing is uniform.
+
+    Args:
+        probs: N x E softmax probabilities (fp32).
+        expert_index: N x k chosen experts.
+    Returns:
+        a scalar; 0 when there are no tokens.
+    """
+    num_tokens, num_experts = probs.shape
+    if num_tokens == 0:
+        return probs.sum() * 0.0
+    k = expert_index.shape[1]
+    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)
+    f = counts.to(probs.dtype) / (num_tokens * k)  # E
+    p = probs.mean(dim=0)  # E
+    return num_experts * torch.sum(f * p)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss, ST-MoE (Zoph et al., 2022, "ST-MoE: Designing Stable and Transferable
+    Sparse Expert Models"), eq. 5: ``mean_tokens( logsumexp_j(logits_j) ^ 2 )``.
+
+    Args:
+        logits: N x E router logits (fp32), non-padding tokens only.
+    Returns:
+        a scalar; 0 when there are no tokens.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy ``-sum_j p_j log p_j`` of the router distribution (nats); N -> N."""
+    return -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
+    """``ceil(capacity_factor * k * num_tokens / num_experts)``, or ``num_tokens`` (every
+    assignment fits) when ``capacity_factor <= 0`` (dropless)."""
+    if capacity_factor <= 0:
+        return num_tokens
+    return int(math.ceil(capacity_factor * k * num_tokens / num_experts))
+
+
+def capacity_keep_mask(
+    expert_index: torch.Tensor, expert_prob: torch.Tensor, num_experts: int, capacity: int
+) -> torch.Tensor:
+    """Which assignments fit under ``capacity`` with the module's documented priority.
+
+    Args:
+        expert_index: N x k chosen experts, column j being every token's (j+1)-th choice.
+        expert_prob: N x k their softmax probabilities (the priority within a choice rank).
+        capacity: the most assignments an expert may keep.
+    Returns:
+        N x k bool, True where the assignment is kept.
+    """
+    num_tokens, k = expert_index.shape
+    if capacity >= num_tokens:  # an expert gets at most one assignment per token
+        return torch.ones_like(expert_index, dtype=torch.bool)
+    # Lay assignments out rank-major (all first choices, then all second choices, ...), so that a
+    # stable sort keeps rank order and then token order among equal probabilities.
+    expert_rm = expert_index.t().reshape(-1)  # (k*N), rank-major
+    prob_rm = expert_prob.t().reshape(-1)  # (k*N)
+    order = torch.sort(prob_rm, descending=True, stable=True).indices
+    rank_of = torch.arange(k, device=expert_index.device).repeat_interleave(num_tokens)
+    order = order[torch.sort(rank_of[order], stable=True).indices]
+    order = order[torch.sort(expert_rm[order], stable=True).indices]
+    # order now lists assignments grouped by expert, best priority first within each expert.
+    counts = torch.bincount(expert_rm, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(order.numel(), device=order.device) - starts[expert_rm[order]]
+    keep_rm = torch.empty_like(expert_rm, dtype=torch.bool)
+    keep_rm[order] = position < capacity
+    return keep_rm.view(k, num_tokens).t()
+
+
+@dataclass
+class GateOutput:
+    """What the gate decides for N tokens (all fp32)."""
+
+    logits: torch.Tensor  # N x E router logits
+    probs: torch.Tensor  # N x E softmax over all experts
+    expert_index: torch.Tensor  # N x k chosen experts, best first
+    expert_weight: torch.Tensor  # N x k combine weights (renormalised if asked), 0 where dropped
+    keep: torch.Tensor  # N x k bool, False where capacity dropped the assignment
+    capacity: int  # per-expert capacity used (N when dropless)
+    balance_loss: torch.Tensor  # scalar, Switch eq. 4-6
+    z_loss: torch.Tensor  # scalar, ST-MoE eq. 5
+
+    @property
+    def dropped_token_mask(self) -> torch.Tensor:
+        """N bool: tokens none of whose k assignments survived capacity (FFN output is zero)."""
+        return ~self.keep.any(dim=-1)
+
+
+class TopKGate(nn.Module):
+    """Linear router d_model -> E in fp32, softmax, top-k, capacity.
+
+    Args:
+        d_model: token width.
+        num_experts: E >= 1.
+        k: experts per token, 1 <= k <= E.
+        normalize_top_k: rescale the k chosen probabilities to sum to 1 (Mixtral, GShard top-2);
+            if False they are the raw softmax probabilities (Switch).
+        capacity_factor: training capacity factor; <= 0 is dropless.
+        eval_capacity_factor: capacity factor in eval mode; <= 0 (default) is dropless, so that a
+            token's routing never depends on the rest of the batch.
+        jitter_eps: multiplicative jitter on the router input in training, x * U(1-eps, 1+eps)
+            (Switch Transformer, sec. 2.4); 0 disables it.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 1,
+        normalize_top_k: bool = True,
+        capacity_factor: float = 1.25,
+        eval_capacity_factor: float = 0.0,
+        jitter_eps: float = 0.0,
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"top-k must satisfy 1 <= k <= num_experts ({num_experts}), got {k}")
+        if jitter_eps < 0 or jitter_eps >= 1:
+            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+        self.num_experts = num_experts
+        self.k = k
+        self.normalize_top_k = normalize_top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.jitter_eps = jitter_eps
+        self.wg = nn.Linear(d_model, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> GateOutput:
+        """x: N x C non-padding tokens (any dtype). Routing is computed in fp32."""
+        device_type = x.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            x = x.float()
+            if self.training and self.jitter_eps > 0:
+                noise = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+                x = x * noise
+            logits = F.linear(x, self.wg.weight.float())  # N x E
+            probs = torch.softmax(logits, dim=-1)  # N x E
+            top_prob, top_index = torch.topk(probs, self.k, dim=-1)  # N x k, best first
+            factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            capacity = expert_capacity(x.shape[0], self.num_experts, self.k, factor)
+            keep = capacity_keep_mask(top_index, top_prob.detach(), self.num_experts, capacity)
+            weight = top_prob
+            if self.normalize_top_k:
+                weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+            weight = weight * keep.to(weight.dtype)
+            return GateOutput(
+                logits=logits,
+                probs=probs,
+                expert_index=top_index,
+                expert_weight=weight,
+                keep=keep,
+                capacity=capacity,
+                balance_loss=load_balance_loss(probs, top_index),
+                z_loss=router_z_loss(logits),
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, k={self.k}, normalize_top_k={self.normalize_top_k}, "
+            f"capacity_factor={self.capacity_factor}, "
+            f"eval_capacity_factor={self.eval_capacity_factor}, jitter_eps={self.jitter_eps}"
+        )

@@ -1,0 +1,129 @@
+"""The sparse MoE feed-forward layer: gate -> dispatch -> experts -> combine.
+
+Dispatch is sort-based (as MegaBlocks and Tutel's dropless path do): the (token, expert)
+assignments that survive capacity are sorted by expert, each expert runs on its contiguous slice,
+and the weighted outputs are scatter-added back to their tokens. No one-hot
+``tokens x experts x capacity`` tensor is ever built, so memory grows with the number of
+assignments, not with T*E*C.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .experts import StackedExperts
+from .gate import GateOutput, TopKGate, routing_entropy
+
+MoERecord = Dict[str, object]
+"""Per-layer routing record (all tensors detached except the two losses):
+
+- ``layer`` (str): the layer's name, e.g. ``encoder.layers.1``
+- ``balance_loss`` (scalar, differentiable): Switch Transformer eq. 4-6
+- ``z_loss`` (scalar, differentiable): ST-MoE eq. 5
+- ``expert_counts`` (E, long): assignments each expert computed (after capacity)
+- ``expert_counts_routed`` (E, long): assignments the router chose (before capacity)
+- ``dropped`` (scalar long): assignments dropped by capacity
+- ``dropped_tokens`` (scalar long): tokens all of whose k assignments were dropped
+- ``routed_tokens`` (scalar long): non-padding tokens routed
+- ``entropy`` (scalar float): mean routing entropy over routed tokens (nats)
+- ``k`` (int): experts per token
+"""
+
+
+class MoELayer(nn.Module):
+    """A top-k MoE FFN: ``y = sum_{j<k} w_j * expert_{e_j}(x)`` per token, zero for padding and
+    for dropped assignments.
+
+    Args:
+        gate: the router.
+        experts: the stacked experts (``experts.num_experts == gate.num_experts``).
+        name: the name put in this layer's routing records.
+    """
+
+    def __init__(self, gate: TopKGate, experts: StackedExperts, name: str = "moe"):
+        super().__init__()
+        if gate.num_experts != experts.num_experts:
+            raise ValueError(
+                f"gate has {gate.num_experts} experts but experts has {experts.num_experts}"
+            )
+        self.gate = gate
+        self.experts = experts
+        self.name = name
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.num_experts
+
+    def forward(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, MoERecord]:
+        """
+        Args:
+            x: ... x C, any leading shape (fairseq passes T x B x C).
+            padding_mask: the leading shape of x (e.g. T x B), True at padding; or None.
+        Returns:
+            y with the shape of x, and the layer's routing record.
+        """
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T*B) x C, flattened tokens
+        if padding_mask is not None:
+            if padding_mask.shape != shape[:-1]:
+                raise ValueError(
+                    f"padding_mask has shape {tuple(padding_mask.shape)}, "
+                    f"expected {tuple(shape[:-1])}"
+                )
+            token_index = (~padding_mask.reshape(-1)).nonzero().squeeze(1)  # N
+            tokens = x.index_select(0, token_index)  # N x C, padding removed
+        else:
+            token_index = None
+            tokens = x
+
+        gate_out = self.gate(tokens)
+        y_tokens = self._dispatch_combine(tokens, gate_out)  # N x C
+
+        if token_index is not None:
+            y = x.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
+        else:
+            y = y_tokens
+        return y.view(shape), self._record(gate_out)
+
+    def _dispatch_combine(self, tokens: torch.Tensor, gate_out: GateOutput) -> torch.Tensor:
+        """Sort kept assignments by expert, run experts on contiguous slices, scatter-add back."""
+        num_tokens, k = gate_out.expert_index.shape
+        expert_flat = gate_out.expert_index.reshape(-1)  # (N*k), token-major
+        keep_flat = gate_out.keep.reshape(-1)
+        kept = keep_flat.nonzero().squeeze(1)  # M kept assignments
+        order = kept[torch.sort(expert_flat[kept], stable=True).indices]  # grouped by expert
+        token_of = torch.div(order, k, rounding_mode="floor")  # M, which token each row is
+        tokens_per_expert = torch.bincount(expert_flat[kept], minlength=self.num_experts)  # E
+        expert_in = tokens.index_select(0, token_of)  # M x C, expert-contiguous
+        expert_out = self.experts(expert_in, tokens_per_expert)  # M x C
+        weight = gate_out.expert_weight.reshape(-1)[order].to(expert_out.dtype)  # M
+        combined = tokens.new_zeros(num_tokens, tokens.shape[-1])  # N x C
+        return combined.index_add(0, token_of, expert_out * weight.unsqueeze(-1))
+
+    def _record(self, gate_out: GateOutput) -> MoERecord:
+        num_tokens, k = gate_out.expert_index.shape
+        index = gate_out.expert_index.detach()
+        routed = torch.bincount(index.reshape(-1), minlength=self.num_experts)
+        kept = torch.bincount(index[gate_out.keep], minlength=self.num_experts)
+        with torch.no_grad():
+            entropy = routing_entropy(gate_out.probs).mean() if num_tokens else index.new_zeros(())
+        return {
+            "layer": self.name,
+            "balance_loss": gate_out.balance_loss,
+            "z_loss": gate_out.z_loss,
+            "expert_counts": kept,
+            "expert_counts_routed": routed,
+            "dropped": (~gate_out.keep).sum(),
+            "dropped_tokens": gate_out.dropped_token_mask.sum(),
+            "routed_tokens": torch.tensor(num_tokens, device=index.device),
+            "entropy": entropy.float(),
+            "k": k,
+        }
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"

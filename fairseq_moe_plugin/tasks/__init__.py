@@ -1,0 +1,1 @@
+# Tasks (GLUE/MNLI) register here; translation uses fairseq's own tasks.
