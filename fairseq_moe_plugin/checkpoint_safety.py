@@ -10,14 +10,13 @@ and arrays. We allow-list exactly those globals, and never turn weights-only loa
 from __future__ import annotations
 
 import argparse
-from typing import List
 
 import numpy as np
 import torch
 
 
-def _numpy_globals() -> List[object]:
-    found: List[object] = [np.ndarray, np.dtype]
+def _numpy_globals() -> list[object]:
+    found: list[object] = [np.ndarray, np.dtype]
     try:  # numpy >= 2 moved the pickled helpers under numpy._core
         from numpy._core.multiarray import _reconstruct, scalar
     except ImportError:  # numpy 1.x
@@ -26,15 +25,24 @@ def _numpy_globals() -> List[object]:
     # The dtype classes pickled with arrays/scalars (``numpy.dtypes.Float64DType``, ...).
     dtypes = getattr(np, "dtypes", None)
     if dtypes is not None:
-        for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
-                     "Int16DType", "Int8DType", "UInt8DType", "BoolDType"):
+        for name in (
+            "Float64DType",
+            "Float32DType",
+            "Float16DType",
+            "Int64DType",
+            "Int32DType",
+            "Int16DType",
+            "Int8DType",
+            "UInt8DType",
+            "BoolDType",
+        ):
             cls = getattr(dtypes, name, None)
             if cls is not None:
                 found.append(cls)
     return found
 
 
-SAFE_GLOBALS: List[object] = [argparse.Namespace] + _numpy_globals()
+SAFE_GLOBALS: list[object] = [argparse.Namespace] + _numpy_globals()
 
 
 def allow_fairseq_checkpoint_globals() -> None:

@@ -17,18 +17,28 @@ def make_pair(rng: random.Random, vocab: int, perm, min_len: int, max_len: int):
     return " ".join(src), " ".join(tgt)
 
 
-def write_corpus(out_dir: str, n_train: int = 2000, n_valid: int = 100, n_test: int = 100,
-                 vocab: int = 24, min_len: int = 3, max_len: int = 10, seed: int = 1,
-                 src: str = "src", tgt: str = "tgt") -> None:
+def write_corpus(
+    out_dir: str,
+    n_train: int = 2000,
+    n_valid: int = 100,
+    n_test: int = 100,
+    vocab: int = 24,
+    min_len: int = 3,
+    max_len: int = 10,
+    seed: int = 1,
+    src: str = "src",
+    tgt: str = "tgt",
+) -> None:
     rng = random.Random(seed)
     perm = list(range(vocab))
     rng.shuffle(perm)
     os.makedirs(out_dir, exist_ok=True)
     for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
         pairs = [make_pair(rng, vocab, perm, min_len, max_len) for _ in range(n)]
-        with open(os.path.join(out_dir, f"{split}.{src}"), "w", encoding="utf-8") as fs, open(
-            os.path.join(out_dir, f"{split}.{tgt}"), "w", encoding="utf-8"
-        ) as ft:
+        with (
+            open(os.path.join(out_dir, f"{split}.{src}"), "w", encoding="utf-8") as fs,
+            open(os.path.join(out_dir, f"{split}.{tgt}"), "w", encoding="utf-8") as ft,
+        ):
             for s, t in pairs:
                 fs.write(s + "\n")
                 ft.write(t + "\n")

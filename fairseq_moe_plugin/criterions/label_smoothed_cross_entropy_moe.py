@@ -6,7 +6,6 @@ With ``--moe-balance-loss-weight 0 --moe-z-loss-weight 0`` it is exactly fairseq
 logged.
 """
 
-
 from dataclasses import dataclass
 
 from fairseq.criterions import register_criterion

@@ -12,15 +12,14 @@ sums weighted by ``sample_size`` for the losses, raw counts for everything else;
 derived in ``reduce_moe_metrics``.
 """
 
-
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
 
 import torch
-from fairseq.logging import metrics
 from fairseq.dataclass import FairseqDataclass
+from fairseq.logging import metrics
 
 COUNT_PREFIX = "moe_count:"  # logging key ``moe_count:<layer>:<expert>``, raw token counts
 
@@ -36,8 +35,10 @@ class MoELossConfig(FairseqDataclass):
     )
     moe_z_loss_weight: float = field(
         default=0.001,
-        metadata={"help": "weight of the ST-MoE router z-loss (eq. 5), summed over MoE layers; "
-                  "0 disables it"},
+        metadata={
+            "help": "weight of the ST-MoE router z-loss (eq. 5), summed over MoE layers; "
+            "0 disables it"
+        },
     )
 
 
@@ -49,7 +50,7 @@ def short_layer_name(name: str) -> str:
     return ("enc" if match.group(1) == "encoder" else "dec") + match.group(2)
 
 
-def moe_records_of(net_output) -> List[dict]:
+def moe_records_of(net_output) -> list[dict]:
     """The routing records a model put in its output (``net_output[1]["moe_records"]``)."""
     if isinstance(net_output, (tuple, list)) and len(net_output) > 1:
         extra = net_output[1]
@@ -67,14 +68,15 @@ def moe_aux_loss(records: Sequence[dict], balance_weight: float, z_weight: float
     return total if total is not None else torch.zeros(())
 
 
-def moe_logging_output(records: Sequence[dict], aux_loss: torch.Tensor, sample_size) -> Dict:
+def moe_logging_output(records: Sequence[dict], aux_loss: torch.Tensor, sample_size) -> dict:
     """Flat summable scalars describing the routing of one batch."""
     if not records:
         return {}
     n_layers = len(records)
     out = {
         "moe_aux_loss": aux_loss.detach() * sample_size,
-        "moe_balance_loss": sum(r["balance_loss"].detach() for r in records) / n_layers
+        "moe_balance_loss": sum(r["balance_loss"].detach() for r in records)
+        / n_layers
         * sample_size,
         "moe_z_loss": sum(r["z_loss"].detach() for r in records) / n_layers * sample_size,
         "moe_dropped": sum(r["dropped"] for r in records),
@@ -94,20 +96,20 @@ def _total(logging_outputs, key) -> float:
     return float(value.item()) if torch.is_tensor(value) else float(value)
 
 
-def expert_counts_by_layer(logging_outputs) -> Dict[str, List[float]]:
+def expert_counts_by_layer(logging_outputs) -> dict[str, list[float]]:
     """Summed per-expert token counts, ``{layer: [count of expert 0, 1, ...]}``."""
     keys = sorted(
         {k for log in logging_outputs for k in log if k.startswith(COUNT_PREFIX)},
         key=lambda k: (k.split(":")[1], int(k.split(":")[2])),
     )
-    layers: Dict[str, List[float]] = {}
+    layers: dict[str, list[float]] = {}
     for key in keys:
         layer = key.split(":")[1]
         layers.setdefault(layer, []).append(_total(logging_outputs, key))
     return layers
 
 
-def load_summary(counts: Sequence[float]) -> Dict[str, float]:
+def load_summary(counts: Sequence[float]) -> dict[str, float]:
     """Max and min expert share of the tokens, and the coefficient of variation of the counts."""
     total = float(sum(counts))
     if total <= 0:
@@ -139,5 +141,9 @@ def reduce_moe_metrics(logging_outputs) -> None:
         summary = load_summary(counts)
         weight = sum(counts)
         for stat, value in summary.items():
-            metrics.log_scalar(f"moe_{layer}_{stat}_load" if stat != "cv" else f"moe_{layer}_cv",
-                               value, weight, round=3)
+            metrics.log_scalar(
+                f"moe_{layer}_{stat}_load" if stat != "cv" else f"moe_{layer}_cv",
+                value,
+                weight,
+                round=3,
+            )

@@ -1,7 +1,6 @@
 """The MoE options of ``moe_transformer`` (and later MoE models): one dataclass, with help text,
 from which the command-line flags and the README's flags table are generated."""
 
-
 import logging
 from argparse import Namespace
 from dataclasses import dataclass, field, fields
@@ -112,8 +111,10 @@ def validate_moe_args(args: Namespace) -> None:
         fail(f"--moe-top-k must be between 1 and --moe-expert-count ({E}), got {k}")
     for flag in ("encoder_moe_freq", "decoder_moe_freq"):
         if getattr(args, flag) < 0:
-            fail(f"--{flag.replace('_', '-')} must be >= 0 (0 = no MoE layers), "
-                 f"got {getattr(args, flag)}")
+            fail(
+                f"--{flag.replace('_', '-')} must be >= 0 (0 = no MoE layers), "
+                f"got {getattr(args, flag)}"
+            )
     if args.moe_expert_ffn_dim is not None and args.moe_expert_ffn_dim < 1:
         fail(f"--moe-expert-ffn-dim must be >= 1, got {args.moe_expert_ffn_dim}")
     if not 0.0 <= args.moe_jitter_eps < 1.0:
@@ -122,13 +123,18 @@ def validate_moe_args(args: Namespace) -> None:
     if activation is not None and str(activation) not in get_available_activation_fns():
         fail(f"--moe-activation-fn {activation!r} is not one of {get_available_activation_fns()}")
     if getattr(args, "scale_fc", False) and args.decoder_moe_freq > 0:
-        fail("--scale-fc (a LayerNorm inside the dense FFN) cannot be combined with MoE "
-             "decoder layers; set --decoder-moe-freq 0 or drop --scale-fc")
+        fail(
+            "--scale-fc (a LayerNorm inside the dense FFN) cannot be combined with MoE "
+            "decoder layers; set --decoder-moe-freq 0 or drop --scale-fc"
+        )
     for side in ("encoder", "decoder"):
         freq, layers = getattr(args, f"{side}_moe_freq"), getattr(args, f"{side}_layers")
         if freq > layers:
-            logger.warning(f"--{side}-moe-freq {freq} > --{side}-layers {layers}: "
-                           f"the {side} has no MoE layer")
+            logger.warning(
+                f"--{side}-moe-freq {freq} > --{side}-layers {layers}: the {side} has no MoE layer"
+            )
     if k == 1 and args.moe_normalize_top_k:
-        logger.warning("--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "
-                       "the router then learns only from the balance and z losses")
+        logger.warning(
+            "--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "
+            "the router then learns only from the balance and z losses"
+        )

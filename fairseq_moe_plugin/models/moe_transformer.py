@@ -11,8 +11,6 @@ first in the latter, which is what the criterion reads.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
-
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import (
@@ -44,7 +42,7 @@ from .moe_config import (
 )
 
 
-def _collect_records(layers) -> List[dict]:
+def _collect_records(layers) -> list[dict]:
     """Move the records the MoE layers produced in this forward out of the layers."""
     records = []
     for layer in layers:
@@ -62,27 +60,45 @@ def _clear_records(layers) -> None:
             layer.moe_record = None
 
 
+def _next_layer(stack, freq: int) -> tuple[int, bool]:
+    """The index of the layer ``stack`` is about to build, and whether it is an MoE layer.
+
+    fairseq's encoder/decoder ``__init__`` call ``build_*_layer(cfg)`` once per layer without
+    the index, so the stack counts (``_layers_built`` is set before the base ``__init__``)."""
+    index = stack._layers_built
+    stack._layers_built += 1
+    return index, is_moe_layer(index, freq)
+
+
 class MoETransformerEncoder(TransformerEncoderBase):
-    def __init__(self, cfg: TransformerConfig, moe_cfg: MoEConfig, dictionary, embed_tokens,
-                 return_fc: bool = False):
-        # Set before the base __init__, which calls build_encoder_layer once per layer.
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        moe_cfg: MoEConfig,
+        dictionary,
+        embed_tokens,
+        return_fc: bool = False,
+    ):
         self.moe_cfg = moe_cfg
         self._layers_built = 0
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
 
     def build_encoder_layer(self, cfg):
-        index = self._layers_built
-        self._layers_built += 1
-        if not is_moe_layer(index, self.moe_cfg.encoder_moe_freq):
+        index, moe = _next_layer(self, self.moe_cfg.encoder_moe_freq)
+        if not moe:
             return super().build_encoder_layer(cfg)
         layer = MoETransformerEncoderLayer(
             cfg, self.moe_cfg, name=f"encoder.layers.{index}", return_fc=self.return_fc
         )
         return wrap_layer_like_fairseq(layer, cfg)
 
-    def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None,
-                           return_all_hiddens: bool = False,
-                           token_embeddings: Optional[Tensor] = None):
+    def forward_scriptable(
+        self,
+        src_tokens,
+        src_lengths: Tensor | None = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Tensor | None = None,
+    ):
         _clear_records(self.layers)
         encoder_out = super().forward_scriptable(
             src_tokens, src_lengths, return_all_hiddens, token_embeddings
@@ -90,7 +106,7 @@ class MoETransformerEncoder(TransformerEncoderBase):
         encoder_out["moe_records"] = _collect_records(self.layers)
         return encoder_out
 
-    def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order):
+    def reorder_encoder_out(self, encoder_out: dict[str, list[Tensor]], new_order):
         # fairseq rebuilds the dict with a fixed key set; the records are batch totals, so they
         # are carried over unchanged.
         reordered = super().reorder_encoder_out(encoder_out, new_order)
@@ -99,31 +115,51 @@ class MoETransformerEncoder(TransformerEncoderBase):
 
 
 class MoETransformerDecoder(TransformerDecoderBase):
-    def __init__(self, cfg: TransformerConfig, moe_cfg: MoEConfig, dictionary, embed_tokens,
-                 no_encoder_attn: bool = False, output_projection=None):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        moe_cfg: MoEConfig,
+        dictionary,
+        embed_tokens,
+        no_encoder_attn: bool = False,
+        output_projection=None,
+    ):
         self.moe_cfg = moe_cfg
         self._layers_built = 0
-        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
-                         output_projection=output_projection)
+        super().__init__(
+            cfg,
+            dictionary,
+            embed_tokens,
+            no_encoder_attn=no_encoder_attn,
+            output_projection=output_projection,
+        )
 
     def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
-        index = self._layers_built
-        self._layers_built += 1
-        if not is_moe_layer(index, self.moe_cfg.decoder_moe_freq):
+        index, moe = _next_layer(self, self.moe_cfg.decoder_moe_freq)
+        if not moe:
             return super().build_decoder_layer(cfg, no_encoder_attn)
         layer = MoETransformerDecoderLayer(
             cfg, self.moe_cfg, name=f"decoder.layers.{index}", no_encoder_attn=no_encoder_attn
         )
         return wrap_layer_like_fairseq(layer, cfg)
 
-    def extract_features_scriptable(self, prev_output_tokens, encoder_out, incremental_state=None,
-                                    full_context_alignment: bool = False,
-                                    alignment_layer: Optional[int] = None,
-                                    alignment_heads: Optional[int] = None):
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens,
+        encoder_out,
+        incremental_state=None,
+        full_context_alignment: bool = False,
+        alignment_layer: int | None = None,
+        alignment_heads: int | None = None,
+    ):
         _clear_records(self.layers)
         x, extra = super().extract_features_scriptable(
-            prev_output_tokens, encoder_out, incremental_state, full_context_alignment,
-            alignment_layer, alignment_heads,
+            prev_output_tokens,
+            encoder_out,
+            incremental_state,
+            full_context_alignment,
+            alignment_layer,
+            alignment_heads,
         )
         extra["moe_records"] = _collect_records(self.layers)
         return x, extra
@@ -153,21 +189,33 @@ class MoETransformerModel(TransformerModel):
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):
         return MoETransformerEncoder(
-            TransformerConfig.from_namespace(args), moe_config_from_namespace(args),
-            src_dict, embed_tokens,
+            TransformerConfig.from_namespace(args),
+            moe_config_from_namespace(args),
+            src_dict,
+            embed_tokens,
         )
 
     @classmethod
     def build_decoder(cls, args, tgt_dict, embed_tokens):
         cfg = TransformerConfig.from_namespace(args)
         return MoETransformerDecoder(
-            cfg, moe_config_from_namespace(args), tgt_dict, embed_tokens,
+            cfg,
+            moe_config_from_namespace(args),
+            tgt_dict,
+            embed_tokens,
             no_encoder_attn=cfg.no_cross_attention,
         )
 
-    def forward(self, src_tokens, src_lengths, prev_output_tokens, return_all_hiddens: bool = True,
-                features_only: bool = False, alignment_layer: Optional[int] = None,
-                alignment_heads: Optional[int] = None):
+    def forward(
+        self,
+        src_tokens,
+        src_lengths,
+        prev_output_tokens,
+        return_all_hiddens: bool = True,
+        features_only: bool = False,
+        alignment_layer: int | None = None,
+        alignment_heads: int | None = None,
+    ):
         encoder_out = self.encoder(
             src_tokens, src_lengths=src_lengths, return_all_hiddens=return_all_hiddens
         )
@@ -198,7 +246,8 @@ def moe_transformer_tiny(args):
     """A debug model for tests: 2+2 layers of width 64, layer 1 of each stack MoE, 4 experts."""
     args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
     args.decoder_ffn_embed_dim = getattr(args, "decoder_ffn_embed_dim", 128)
-    args.moe_expert_count = getattr(args, "moe_expert_count", None) or 4
+    if getattr(args, "moe_expert_count", None) is None:
+        args.moe_expert_count = 4
     moe_config_defaults(args)
     tiny_architecture(args)
 

@@ -13,7 +13,7 @@ Plain arguments; no fairseq needed.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -90,7 +90,7 @@ class StackedExperts(nn.Module):
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])  # M x d_model
 
     def forward(
-        self, x: torch.Tensor, tokens_per_expert: Union[torch.Tensor, Sequence[int]]
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor | Sequence[int]
     ) -> torch.Tensor:
         """Grouped FFN.
 

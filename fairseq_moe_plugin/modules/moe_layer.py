@@ -9,15 +9,13 @@ assignments, not with T*E*C.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 import torch.nn as nn
 
 from .experts import StackedExperts
 from .gate import GateOutput, TopKGate, routing_entropy
 
-MoERecord = Dict[str, object]
+MoERecord = dict[str, object]
 """Per-layer routing record (all tensors detached except the two losses):
 
 - ``layer`` (str): the layer's name, e.g. ``encoder.layers.1``
@@ -58,8 +56,8 @@ class MoELayer(nn.Module):
         return self.gate.num_experts
 
     def forward(
-        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, MoERecord]:
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoERecord]:
         """
         Args:
             x: ... x C, any leading shape (fairseq passes T x B x C).
@@ -85,7 +83,7 @@ class MoELayer(nn.Module):
         y_tokens = self._dispatch_combine(tokens, gate_out)  # N x C
 
         if token_index is not None:
-            y = x.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
+            y = y_tokens.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
         else:
             y = y_tokens
         return y.view(shape), self._record(gate_out)
@@ -102,7 +100,8 @@ class MoELayer(nn.Module):
         expert_in = tokens.index_select(0, token_of)  # M x C, expert-contiguous
         expert_out = self.experts(expert_in, tokens_per_expert)  # M x C
         weight = gate_out.expert_weight.reshape(-1)[order].to(expert_out.dtype)  # M
-        combined = tokens.new_zeros(num_tokens, tokens.shape[-1])  # N x C
+        # expert_out's dtype, not the input's: under autocast the experts compute in half.
+        combined = expert_out.new_zeros(num_tokens, tokens.shape[-1])  # N x C
         return combined.index_add(0, token_of, expert_out * weight.unsqueeze(-1))
 
     def _record(self, gate_out: GateOutput) -> MoERecord:

@@ -13,11 +13,9 @@ record is in ``layer.moe_record``, from where the encoder/decoder moves it into 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.distributed import fsdp_wrap
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
@@ -32,8 +30,9 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def build_moe_layer(moe_cfg, d_model: int, ffn_dim: int, activation_fn: str,
-                    activation_dropout: float, name: str) -> MoELayer:
+def build_moe_layer(
+    moe_cfg, d_model: int, ffn_dim: int, activation_fn: str, activation_dropout: float, name: str
+) -> MoELayer:
     """An MoE layer from the model's MoE options (see ``MoEConfig``) and the layer's sizes."""
     gate = TopKGate(
         d_model,
@@ -67,7 +66,7 @@ class _MoEFFNMixin:
     """Swaps the dense FFN of a fairseq transformer layer for ``self.moe``."""
 
     moe: MoELayer
-    moe_record: Optional[MoERecord]
+    moe_record: MoERecord | None
 
     def _install_moe(self, moe: MoELayer) -> None:
         # The dense FFN built by fairseq's __init__ is discarded; its modules are unregistered so
@@ -79,7 +78,7 @@ class _MoEFFNMixin:
         self.activation_fn = _identity
         self.activation_dropout_module = _identity
         self.moe_record = None
-        self._padding_mask: Optional[torch.Tensor] = None  # B x T, set during forward
+        self._padding_mask: torch.Tensor | None = None  # B x T, set during forward
 
     def _moe_ffn(self, x: torch.Tensor) -> torch.Tensor:
         """x: T x B x C (time-major)."""
@@ -104,7 +103,7 @@ class MoETransformerEncoderLayer(_MoEFFNMixin, TransformerEncoderLayerBase):
             )
         )
 
-    def forward(self, x, encoder_padding_mask: Optional[torch.Tensor], attn_mask=None):
+    def forward(self, x, encoder_padding_mask: torch.Tensor | None, attn_mask=None):
         self._padding_mask = encoder_padding_mask  # B x T or None
         try:
             return super().forward(x, encoder_padding_mask, attn_mask=attn_mask)
@@ -128,7 +127,7 @@ class MoETransformerDecoderLayer(_MoEFFNMixin, TransformerDecoderLayerBase):
             )
         )
 
-    def forward(self, x, *args, self_attn_padding_mask: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, x, *args, self_attn_padding_mask: torch.Tensor | None = None, **kwargs):
         self._padding_mask = self_attn_padding_mask  # B x T (B x 1 when decoding a step)
         try:
             return super().forward(

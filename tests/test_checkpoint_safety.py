@@ -1,0 +1,81 @@
+"""Checkpoints load with torch's weights-only unpickler: fairseq's globals are allow-listed, code
+in a crafted pickle is refused and never runs."""
+
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fairseq import checkpoint_utils
+
+from fairseq_moe_plugin.checkpoint_safety import SAFE_GLOBALS
+
+
+class _RunsCode:
+    """Unpickling this would call os.system (a classic pickle exploit)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"args": None, "cfg": _RunsCode(marker), "model": {}}, path)
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    assert not marker.exists(), "loading the checkpoint ran code"
+
+
+def test_eval_bleu_style_checkpoint_loads(tmp_path):
+    """--eval-bleu checkpoints carry numpy scalars/arrays and the Namespace config."""
+    path = tmp_path / "ok.pt"
+    state = {
+        "args": None,
+        "cfg": {"model": argparse.Namespace(arch="moe_transformer_tiny", moe_expert_count=4)},
+        "model": {"w": torch.ones(2)},
+        "optimizer_history": [
+            {
+                "criterion_name": "x",
+                "optimizer_name": "y",
+                "lr_scheduler_state": {},
+                "num_updates": 0,
+            }
+        ],
+        "extra_state": {
+            "best": np.float64(12.5),
+            "bleu_counts": np.array([1, 2, 3]),
+            "lens": np.array([0.5], dtype=np.float32),
+        },
+    }
+    torch.save(state, path)
+    loaded = torch.load(path)  # weights_only=True is torch's default
+    assert loaded["cfg"]["model"].moe_expert_count == 4
+    assert loaded["extra_state"]["best"] == 12.5
+    assert loaded["extra_state"]["bleu_counts"].tolist() == [1, 2, 3]
+
+
+def test_without_the_plugin_such_a_checkpoint_is_refused(tmp_path):
+    """Control: it is the plugin's allow-list that makes the previous load work."""
+    path = tmp_path / "ok.pt"
+    torch.save({"cfg": argparse.Namespace(a=1), "best": np.float64(1.0)}, path)
+    code = f"import torch; torch.load({str(path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Namespace" in proc.stderr
+
+
+def test_allow_list_holds_no_callable_that_runs_code():
+    names = {
+        f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', g)}" for g in SAFE_GLOBALS
+    }
+    assert "argparse.Namespace" in names
+    for bad in ("os.", "posix.", "subprocess.", "builtins.eval", "builtins.exec"):
+        assert not any(n.startswith(bad) for n in names), names
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
