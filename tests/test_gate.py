@@ -299,7 +299,7 @@ def test_gate_outputs_match_definitions(k, normalize):
 
 
 def test_gate_hand_case_keep_mask_in_training():
-    gate, x = _hand_gate(capacity_factor=0.5)  # capacity ceil(.5 * 2 * 5 / 3) = 2
+    gate, x = _hand_gate(capacity_factor=0.5, normalize_top_k=True)  # capacity 2
     gate.train()
     out = gate(x)
     torch.testing.assert_close(out.probs, torch.tensor(_DISTINCT_PROBS)[_TOKEN_PATTERN])

@@ -152,7 +152,7 @@ class TopKGate(nn.Module):
         d_model: int,
         num_experts: int,
         k: int = 1,
-        normalize_top_k: bool = True,
+        normalize_top_k: bool = False,
         capacity_factor: float = 1.25,
         eval_capacity_factor: float = 0.0,
         jitter_eps: float = 0.0,
