@@ -12,7 +12,7 @@ FAIRSEQ_DIST ?= fairseq-fixed==0.12.3.1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo lint format clean-venv
+.PHONY: install test test-fast demo compare lint format clean-venv
 
 install: $(STAMP)
 
@@ -40,8 +40,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS) tests
 
+# The main job: gettext corpus -> sentencepiece -> train an MoE model (bounded wall clock) ->
+# beam search -> BLEU/chrF per language -> results/demo/metrics.json. DEMO_ARGS adds run.py flags,
+# e.g. DEMO_ARGS="--budget-minutes 5 --langs de,fr".
+DEMO_ARGS ?=
 demo: install
-	bash examples/translation/demo.sh
+	$(PY) examples/translation/run.py --run demo $(DEMO_ARGS)
+
+# MoE vs dense (same data, same training wall clock); COMPARE_ARGS adds flags.
+COMPARE_ARGS ?=
+compare: install
+	$(PY) scripts/compare_dense_moe.py $(COMPARE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""MoE vs dense on the same data and the same training wall clock.
+
+Trains, with examples/translation/run.py and the same prepared data:
+(a) ``moe``: the recipe's MoE model;
+(b) ``dense_flops``: a dense model with the MoE model's active FLOPs per token;
+(c) ``dense_params``: a dense model with the MoE model's total parameters;
+then prints one markdown table (BLEU and chrF per language, FLOPs/token, parameters, training
+words/s, generation sentences/s) and writes it with the figures to ``results/<prefix>/``.
+
+    python scripts/compare_dense_moe.py --langs de,fr,es,ru --budget-minutes 10
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "examples" / "translation" / "run.py"
+MODELS = ("moe", "dense_flops", "dense_params")
+
+
+def table(rows: dict) -> str:
+    langs = list(next(iter(rows.values()))["bleu"])
+    head = ["model", *[f"BLEU {lang}" for lang in langs], "BLEU mean", "chrF mean",
+            "GFLOPs/tgt token", "params total", "params active", "updates",
+            "train words/s", "gen sent/s (bs 32)", "gen ms/sent (bs 1)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in rows.items():
+        bleu = [m["bleu"][lang] for lang in langs]
+        chrf = [m["chrf"][lang] for lang in langs]
+        runs = {r["batch_size"]: r for r in m["generation"]["runs"]}
+        cells = [name, *[f"{b:.1f}" for b in bleu], f"{sum(bleu) / len(bleu):.1f}",
+                 f"{sum(chrf) / len(chrf):.1f}",
+                 f"{m['flops']['gflops_per_target_token']:.4f}",
+                 f"{m['params']['params_total'] / 1e6:.1f}M",
+                 f"{m['params']['params_active_per_token'] / 1e6:.1f}M",
+                 str(m["train"]["updates"]), f"{m['train']['words_per_s']:.0f}",
+                 f"{runs[32]['sentences_per_s']:.1f}" if 32 in runs else "-",
+                 f"{runs[1]['ms_per_sentence']:.0f}" if 1 in runs else "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prefix", default="compare", help="results/<prefix>_<model>/ per model")
+    p.add_argument("--langs", default="de,fr,es,ru")
+    p.add_argument("--budget-minutes", type=float, default=10.0)
+    p.add_argument("--max-train-per-lang", type=int, default=0)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--results", type=Path, default=REPO / "results")
+    a = p.parse_args(argv)
+    models = a.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {MODELS}")
+
+    data = a.results / f"{a.prefix}_data"
+    rows = {}
+    for model in models:
+        cmd = [
+            sys.executable,
+            RUN,
+            "--run",
+            f"{a.prefix}_{model}",
+            "--results",
+            a.results,
+            "--model",
+            model,
+            "--budget-minutes",
+            a.budget_minutes,
+            "--langs",
+            a.langs,
+            "--max-train-per-lang",
+            a.max_train_per_lang,
+            "--data",
+            data,
+        ]  # fmt: skip  (the first run builds the data, the others reuse it)
+        print(f"[compare] {model}: {' '.join(map(str, cmd[1:]))}", flush=True)
+        start = time.time()
+        rc = subprocess.run([str(c) for c in cmd], cwd=REPO).returncode
+        if rc != 0:
+            raise SystemExit(f"[compare] {model} failed (exit {rc})")
+        metrics = json.loads((a.results / f"{a.prefix}_{model}" / "metrics.json").read_text())
+        rows[model] = metrics
+        print(f"[compare] {model} done in {(time.time() - start) / 60:.1f} min", flush=True)
+
+    md = table(rows)
+    out = a.results / a.prefix
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{os.cpu_count()} cores, torch threads default; budget {a.budget_minutes} min each"
+    (out / "table.md").write_text(md + "\n\n" + machine + "\n")
+    (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(md)
+    print(machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The translation recipe: input checks of prepare_data.py, and a multilingual tiny run (two
+target languages) through translation_multi_simple_epoch: train -> generate -> score."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import BIN, PLUGIN_DIR, REPO, run_cli
+
+PREPARE = REPO / "examples" / "translation" / "prepare_data.py"
+
+
+def _prepare(*args):
+    return subprocess.run([sys.executable, PREPARE, *map(str, args)], capture_output=True,
+                          text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def multi_raw(tmp_path_factory):
+    """en -> de and en -> fr toy corpora in the multi-pair layout."""
+    from make_toy_corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("multi")
+    raw = root / "raw"
+    raw.mkdir()
+    for lang, seed in (("de", 1), ("fr", 2)):
+        write_corpus(str(root / lang), n_train=1500, n_valid=60, n_test=60, seed=seed)
+        for split in ("train", "valid", "test"):
+            shutil.copy(root / lang / f"{split}.src", raw / f"{split}.en-{lang}.en")
+            shutil.copy(root / lang / f"{split}.tgt", raw / f"{split}.en-{lang}.{lang}")
+    return raw
+
+
+def test_mismatched_line_counts_name_both_files(multi_raw, tmp_path):
+    bad = tmp_path / "raw"
+    shutil.copytree(multi_raw, bad)
+    target = bad / "valid.en-fr.fr"
+    target.write_text("".join(target.read_text().splitlines(keepends=True)[:-3]))
+    proc = _prepare("--raw", bad, "--pairs", "en-de,en-fr", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "valid.en-fr.en has 60 lines" in proc.stderr and "valid.en-fr.fr has 57" in proc.stderr
+    assert not (tmp_path / "out" / "spm.model").exists(), "work started despite bad input"
+
+
+def test_empty_file_unknown_language_and_missing_spm_model(multi_raw, tmp_path):
+    bad = tmp_path / "raw"
+    shutil.copytree(multi_raw, bad)
+    (bad / "test.en-de.de").write_text("")
+    proc = _prepare("--raw", bad, "--pairs", "en-de", "--out", tmp_path / "o1")
+    assert proc.returncode == 2 and "test.en-de.de: empty file" in proc.stderr
+
+    proc = _prepare("--raw", multi_raw, "--pairs", "en-xx", "--out", tmp_path / "o2")
+    assert proc.returncode == 2
+    assert "unknown language code 'xx'" in proc.stderr and "de, en, fr" in proc.stderr
+
+    proc = _prepare("--raw", multi_raw, "--pairs", "en-de", "--out", tmp_path / "o3",
+                    "--spm-model", tmp_path / "nope.model")  # fmt: skip
+    assert proc.returncode == 2 and "nope.model: no such sentencepiece model" in proc.stderr
+
+    proc = _prepare("--raw", multi_raw, "--pairs", "en_de", "--out", tmp_path / "o4")
+    assert proc.returncode == 2 and "not a language pair" in proc.stderr
+
+
+def test_plain_single_pair_layout_is_accepted(toy_data, tmp_path):
+    """Any parallel text: plain train/valid/test.{src,tgt} files."""
+    proc = _prepare("--raw", toy_data["raw"], "--pairs", "src-tgt", "--out", tmp_path / "w",
+                    "--vocab-size", 60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "w" / "prepare.json").read_text())
+    assert summary["sentences"]["test.src-tgt"] == 100
+    assert (tmp_path / "w" / "data-bin" / "test.src-tgt.tgt.bin").exists()
+
+
+@pytest.mark.slow
+def test_multilingual_train_generate_score(multi_raw, tmp_path):
+    work = tmp_path / "work"
+    proc = _prepare("--raw", multi_raw, "--pairs", "en-de,en-fr", "--out", work,
+                    "--vocab-size", 100)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    task = ["--task", "translation_multi_simple_epoch", "--lang-pairs", "en-de,en-fr",
+            "--langs", "de,en,fr", "--encoder-langtok", "tgt", "--decoder-langtok"]  # fmt: skip
+    log = run_cli(
+        [BIN / "fairseq-train", work / "data-bin", "--user-dir", PLUGIN_DIR, *task,
+         "--arch", "moe_transformer_tiny", "--encoder-moe-freq", 1, "--decoder-moe-freq", 1,
+         "--share-all-embeddings", "--criterion", "label_smoothed_cross_entropy_moe",
+         "--label-smoothing", 0.1, "--optimizer", "adam", "--lr", 0.003,
+         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", 50, "--max-tokens", 2000,
+         "--max-update", 250, "--save-dir", tmp_path / "ck", "--no-epoch-checkpoints",
+         "--num-workers", 0, "--log-format", "simple", "--seed", 1],
+        cwd=tmp_path, log_name="train.log",
+    )  # fmt: skip
+    assert re.search(r"\| valid .*moe_balance_loss", log)
+    scores = []
+    for lang in ("de", "fr"):
+        out = run_cli(
+            [BIN / "fairseq-generate", work / "data-bin", "--user-dir", PLUGIN_DIR, *task,
+             "--source-lang", "en", "--target-lang", lang, "--gen-subset", "test",
+             "--path", tmp_path / "ck" / "checkpoint_best.pt", "--beam", 5,
+             "--post-process", "sentencepiece", "--batch-size", 32],
+            cwd=tmp_path,
+        )  # fmt: skip
+        (tmp_path / f"gen.{lang}").write_text(out)
+        assert len(re.findall(r"^D-\d+", out, flags=re.M)) == 60
+        scores += ["--generate-output", f"{lang}={tmp_path / f'gen.{lang}'}"]
+    run_cli([sys.executable, REPO / "scripts" / "score_bleu.py", *scores,
+             "--json", tmp_path / "scores.json"], cwd=tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert set(report["results"]) == {"de", "fr"}
+    for lang in ("de", "fr"):
+        assert report["results"][lang]["num_sentences"] == 60
+        assert report["results"][lang]["chrf"]["score"] > 20, report["results"][lang]
