@@ -107,3 +107,24 @@ def toy_batch(task, split="valid", n=8):
     task.load_dataset(split)
     dataset = task.dataset(split)
     return dataset.collater([dataset[i] for i in range(n)])
+
+
+def save_trainer_style_checkpoint(model, cfg, path):
+    """Write what fairseq's ``Trainer.state_dict()`` writes (cfg as plain containers, the model's
+    Namespace inside), so ``checkpoint_utils`` loads it like a trained checkpoint."""
+    from omegaconf import OmegaConf
+
+    history = {
+        "criterion_name": "LabelSmoothedCrossEntropyMoECriterion",
+        "optimizer_name": "Adam",
+        "lr_scheduler_state": {},
+        "num_updates": 0,
+    }
+    state = {
+        "args": None,
+        "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "model": model.state_dict(),
+        "extra_state": {},
+        "optimizer_history": [history],
+    }
+    torch.save(state, path)  # fmt: skip

@@ -3,8 +3,7 @@
 import json
 
 import pytest
-import torch
-from conftest import build_model_and_task, tiny_args, toy_batch
+from conftest import build_model_and_task, save_trainer_style_checkpoint, tiny_args, toy_batch
 from flops import (
     BatchShape,
     ModelSpec,
@@ -14,7 +13,6 @@ from flops import (
     main,
     parameter_counts,
 )
-from omegaconf import OmegaConf
 
 from fairseq_moe_plugin.modules.experts import StackedExperts
 from fairseq_moe_plugin.modules.gate import TopKGate
@@ -105,23 +103,7 @@ def test_analytic_padding_free_on_an_unpadded_batch_equals_padded(toy_data):
 def test_cli_on_a_checkpoint(toy_data, tmp_path, capsys):
     model, _, cfg = _build(toy_data, MOE)
     path = tmp_path / "checkpoint.pt"
-    torch.save(  # what fairseq's Trainer writes (see test_model.py)
-        {
-            "args": None,
-            "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            "model": model.state_dict(),
-            "extra_state": {},
-            "optimizer_history": [
-                {
-                    "criterion_name": "LabelSmoothedCrossEntropyMoECriterion",
-                    "optimizer_name": "Adam",
-                    "lr_scheduler_state": {},
-                    "num_updates": 0,
-                }
-            ],
-        },
-        path,
-    )
+    save_trainer_style_checkpoint(model, cfg, path)
     out = tmp_path / "flops.json"
     argv = ["--path", str(path), "--data", str(toy_data["bin"]), "--subset", "valid"]
     assert main([*argv, "--max-sentences", "16", "--num-batches", "2", "--json", str(out)]) == 0

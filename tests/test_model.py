@@ -5,11 +5,10 @@ import copy
 
 import pytest
 import torch
-from conftest import build_model_and_task, tiny_args, toy_batch
+from conftest import build_model_and_task, save_trainer_style_checkpoint, tiny_args, toy_batch
 from fairseq import checkpoint_utils
 from fairseq.models.transformer import TransformerModel
 from fairseq.sequence_generator import SequenceGenerator
-from omegaconf import OmegaConf
 
 from fairseq_moe_plugin.models.moe_transformer import MoETransformerModel
 from fairseq_moe_plugin.modules.moe_transformer_layer import (
@@ -105,24 +104,7 @@ def test_checkpoint_save_load_gives_identical_outputs(toy_data, tmp_path):
     model, task, cfg = build_model_and_task(args)
     model.eval()
     path = tmp_path / "checkpoint.pt"
-    # What fairseq's Trainer.state_dict() writes (cfg as plain containers + the Namespace).
-    torch.save(
-        {
-            "args": None,
-            "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-            "model": model.state_dict(),
-            "extra_state": {},
-            "optimizer_history": [
-                {
-                    "criterion_name": "LabelSmoothedCrossEntropyMoECriterion",
-                    "optimizer_name": "Adam",
-                    "lr_scheduler_state": {},
-                    "num_updates": 0,
-                }
-            ],
-        },
-        path,
-    )
+    save_trainer_style_checkpoint(model, cfg, path)
     models, loaded_cfg, loaded_task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
     loaded = models[0].eval()
     assert isinstance(loaded, MoETransformerModel)
