@@ -226,3 +226,24 @@ def test_layer_drop_does_not_leak_stale_records(toy_data):
     _, extra2 = model(**sample["net_input"])
     enc2 = [r for r in extra2["moe_records"] if r["layer"].startswith("encoder")]
     assert all(not any(r is s for s in enc) for r in enc2), "a record was reused"
+
+
+@pytest.mark.parametrize("flag, reuse", [((), True), (("--moe-no-grad-buffer-reuse",), False)])
+def test_grad_buffer_reuse_flag_reaches_every_moe_layer(toy_data, flag, reuse):
+    args = tiny_args(toy_data["bin"], "--encoder-moe-freq", 1, "--decoder-moe-freq", 1, *flag)
+    model, task, _ = build_model_and_task(args)
+    experts = [m for m in model.modules() if m.__class__.__name__ == "StackedExperts"]
+    assert len(experts) == 4
+    assert all(e.grad_buffers.enabled == reuse for e in experts)
+    sample = toy_batch(task)
+    model.train()
+    for _ in range(2):  # two updates, gradients cleared as fairseq does
+        net_output = model(**sample["net_input"])
+        net_output[0].float().sum().backward()
+        pointers = [e.fc1_weight.grad.data_ptr() for e in experts]
+        model.zero_grad(set_to_none=True)
+    assert all(len(e.grad_buffers) == (2 if reuse else 0) for e in experts)
+    again = model(**sample["net_input"])
+    again[0].float().sum().backward()
+    if reuse:  # the same memory again (without reuse, malloc may or may not return it)
+        assert [e.fc1_weight.grad.data_ptr() for e in experts] == pointers

@@ -59,6 +59,16 @@ class MoEConfig(FairseqDataclass):
         default=None,
         metadata={"help": "activation inside the experts; default: --activation-fn"},
     )
+    moe_no_grad_buffer_reuse: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU training: allocate the experts' stacked weight gradients afresh every "
+            "update instead of reusing the previous update's buffers when nothing holds them. "
+            "Reuse saves page-faulting E x d_ff x d_model of new memory per MoE layer and update "
+            "(the README's performance section measures it) but keeps those buffers allocated "
+            "between updates; no effect on GPU"
+        },
+    )
     encoder_moe_freq: int = field(
         default=2,
         metadata={

@@ -1,4 +1,5 @@
-"""E feed-forward experts with stacked weights, computed on expert-contiguous token slices.
+"""E feed-forward experts with stacked weights, computed on expert-contiguous token slices
+(the compute itself, forward and backward, is ``grouped_ffn.grouped_expert_ffn``).
 
 Weights are stored stacked, expert-major, in ``nn.Linear`` layout:
 
@@ -18,6 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .grad_buffers import GradientBuffers
+from .grouped_ffn import DispatchPlan, grouped_expert_ffn
 
 _ACTIVATIONS = ("relu", "relu_squared", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear")
 
@@ -48,6 +52,9 @@ class StackedExperts(nn.Module):
         d_ff: hidden width of every expert.
         activation_fn: a name from fairseq's activations (``relu``, ``gelu``, ...).
         activation_dropout: dropout after the activation (fairseq's ``--activation-dropout``).
+        reuse_grad_buffers: on CPU, reuse the stacked weight-gradient buffers across updates when
+            nothing else holds them (see ``grad_buffers.py``); they stay allocated between
+            updates, and ``eval()`` frees them.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class StackedExperts(nn.Module):
         d_ff: int,
         activation_fn: str = "relu",
         activation_dropout: float = 0.0,
+        reuse_grad_buffers: bool = True,
     ):
         super().__init__()
         if num_experts < 1:
@@ -69,6 +77,7 @@ class StackedExperts(nn.Module):
         self.activation_name = activation_fn
         self.activation_fn = get_activation_fn(activation_fn)
         self.activation_dropout = activation_dropout
+        self.grad_buffers = GradientBuffers(enabled=reuse_grad_buffers)
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.fc1_bias = nn.Parameter(torch.empty(num_experts, d_ff))
         self.fc2_weight = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
@@ -90,37 +99,68 @@ class StackedExperts(nn.Module):
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])  # M x d_model
 
     def forward(
-        self, x: torch.Tensor, tokens_per_expert: torch.Tensor | Sequence[int]
+        self,
+        x: torch.Tensor,
+        plan: DispatchPlan | torch.Tensor | Sequence[int],
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Grouped FFN.
+        """Grouped FFN over the assignments of ``plan``, combined per token.
 
         Args:
-            x: M x d_model tokens sorted by expert: the first ``tokens_per_expert[0]`` rows go to
-                expert 0, the next to expert 1, and so on.
-            tokens_per_expert: E counts summing to M.
+            x: N x d_model tokens; for a presorted plan, M x d_model rows sorted by expert.
+            plan: a ``DispatchPlan``, or E counts (a presorted plan: the first ``counts[0]`` rows
+                go to expert 0, the next to expert 1, ...).
+            weight: N x k combine weights (0 where dropped); None means 1.
         Returns:
-            M x d_model, row i the output of its expert on row i of x.
+            N x d_model: row t is ``sum_j weight[t, j] * expert(x[t])`` over t's kept choices
+            (zero for a token with none), or the M expert outputs for a presorted plan; in the
+            experts' compute dtype (the autocast dtype under autocast, else the weights' dtype).
         """
-        counts = (
-            tokens_per_expert.tolist()
-            if torch.is_tensor(tokens_per_expert)
-            else list(tokens_per_expert)
-        )
-        if len(counts) != self.num_experts or sum(counts) != x.shape[0]:
+        if not isinstance(plan, DispatchPlan):
+            counts = plan.tolist() if torch.is_tensor(plan) else list(plan)
+            plan = DispatchPlan.presorted(counts)
+        num_rows = x.shape[0] if plan.token_index is None else plan.token_index.shape[0]
+        if len(plan.tokens_per_expert) != self.num_experts or plan.num_rows != num_rows:
             raise ValueError(
-                f"tokens_per_expert must have {self.num_experts} entries summing to {x.shape[0]},"
-                f" got {counts}"
+                f"tokens_per_expert must have {self.num_experts} entries summing to {num_rows} "
+                f"(the number of assignments), got {plan.tokens_per_expert}"
             )
-        outputs = []
-        for e, chunk in enumerate(torch.split(x, counts, dim=0)):
-            if counts[e] > 0:  # only experts that received tokens are visited
-                outputs.append(self.expert_forward(e, chunk))
-        if not outputs:
-            return x.new_zeros(0, self.d_model)
-        return torch.cat(outputs, dim=0)
+        if weight is not None and (
+            plan.combine_index is None or weight.shape != plan.combine_index.shape
+        ):
+            expected = (
+                "none for presorted rows"
+                if plan.combine_index is None
+                else (f"shape {tuple(plan.combine_index.shape)}")
+            )
+            raise ValueError(f"combine weights must have {expected}, got {tuple(weight.shape)}")
+        params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Autocast would cast op by op inside the grouped function; cast once here instead.
+            dtype = torch.get_autocast_dtype(device_type)
+            params = tuple(p.to(dtype) for p in params)
+        else:
+            dtype = self.fc1_weight.dtype
+        with torch.autocast(device_type=device_type, enabled=False):
+            return grouped_expert_ffn(
+                x.to(dtype),
+                plan,
+                *params,
+                activation=self.activation_name,
+                weight=None if weight is None else weight.to(dtype),
+                dropout_p=self.activation_dropout if self.training else 0.0,
+                grad_buffers=self.grad_buffers,
+            )
+
+    def train(self, mode: bool = True) -> StackedExperts:
+        if not mode:
+            self.grad_buffers.clear()  # evaluation needs no gradient buffers
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
-            f"activation={self.activation_name}, activation_dropout={self.activation_dropout}"
+            f"activation={self.activation_name}, activation_dropout={self.activation_dropout}, "
+            f"reuse_grad_buffers={self.grad_buffers.enabled}"
         )

@@ -1,8 +1,8 @@
 """The sparse MoE feed-forward layer: gate -> dispatch -> experts -> combine.
 
 Dispatch is sort-based (as MegaBlocks and Tutel's dropless path do): the (token, expert)
-assignments that survive capacity are sorted by expert, each expert runs on its contiguous slice,
-and the weighted outputs are scatter-added back to their tokens. No one-hot
+assignments that survive capacity are sorted by expert (``DispatchPlan``), each expert runs on its
+contiguous slice, and each token sums its weighted outputs (``grouped_ffn``). No one-hot
 ``tokens x experts x capacity`` tensor is ever built, so memory grows with the number of
 assignments, not with T*E*C.
 """
@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .experts import StackedExperts
 from .gate import GateOutput, TopKGate, routing_entropy
+from .grouped_ffn import DispatchPlan
 
 MoERecord = dict[str, object]
 """Per-layer routing record (all tensors detached except the two losses):
@@ -79,30 +80,15 @@ class MoELayer(nn.Module):
             token_index = None
             tokens = x
 
-        gate_out = self.gate(tokens)
-        y_tokens = self._dispatch_combine(tokens, gate_out)  # N x C
+        gate_out = self.gate(tokens)  # N x k experts and weights, fp32
+        plan = DispatchPlan.from_routing(gate_out.expert_index, gate_out.keep, self.num_experts)
+        y_tokens = self.experts(tokens, plan, gate_out.expert_weight)  # N x C
 
         if token_index is not None:
             y = y_tokens.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
         else:
             y = y_tokens
         return y.view(shape), self._record(gate_out)
-
-    def _dispatch_combine(self, tokens: torch.Tensor, gate_out: GateOutput) -> torch.Tensor:
-        """Sort kept assignments by expert, run experts on contiguous slices, scatter-add back."""
-        num_tokens, k = gate_out.expert_index.shape
-        expert_flat = gate_out.expert_index.reshape(-1)  # (N*k), token-major
-        keep_flat = gate_out.keep.reshape(-1)
-        kept = keep_flat.nonzero().squeeze(1)  # M kept assignments
-        order = kept[torch.sort(expert_flat[kept], stable=True).indices]  # grouped by expert
-        token_of = torch.div(order, k, rounding_mode="floor")  # M, which token each row is
-        tokens_per_expert = torch.bincount(expert_flat[kept], minlength=self.num_experts)  # E
-        expert_in = tokens.index_select(0, token_of)  # M x C, expert-contiguous
-        expert_out = self.experts(expert_in, tokens_per_expert)  # M x C
-        weight = gate_out.expert_weight.reshape(-1)[order].to(expert_out.dtype)  # M
-        # expert_out's dtype, not the input's: under autocast the experts compute in half.
-        combined = expert_out.new_zeros(num_tokens, tokens.shape[-1])  # N x C
-        return combined.index_add(0, token_of, expert_out * weight.unsqueeze(-1))
 
     def _record(self, gate_out: GateOutput) -> MoERecord:
         num_tokens, k = gate_out.expert_index.shape

@@ -49,6 +49,7 @@ def build_moe_layer(
         moe_cfg.moe_expert_ffn_dim or ffn_dim,
         activation_fn=moe_cfg.moe_activation_fn or activation_fn,
         activation_dropout=activation_dropout,
+        reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
     )
     return MoELayer(gate, experts, name=name)
 

@@ -1,0 +1,322 @@
+"""The experts' compute: gather -> E two-layer FFNs on expert-contiguous slices -> weighted
+combine, as one autograd Function with a hand-written backward.
+
+Rows are flattened tokens throughout: ``N`` tokens, ``k`` choices per token, ``M`` kept
+(token, choice) assignments sorted by expert, ``E`` experts, ``C`` = d_model, ``F`` = d_ff.
+Weights are stacked in ``nn.Linear`` layout (``fc1_weight`` E x F x C, ``fc2_weight`` E x C x F).
+
+Why not let autograd differentiate a loop over ``fc1_weight[e]``: the backward of ``weight[e]``
+materialises a zero ``E x F x C`` gradient for every expert and autograd sums them, so the cost
+grows with E^2 (30x the dense FFN at E=64 on CPU; ``scripts/benchmark_moe_layer.py`` times that
+pattern as ``naive_loop``). Here:
+
+- each expert's weight gradient is written straight into its slice of one stacked buffer, and on
+  CPU that buffer can be reused across updates (``grad_buffers.py``);
+- tokens reach the experts by one gather (``token_index``) and come back by gathers through the
+  inverse map (``combine_index``, with a zero row for dropped choices), not by a zero-filled
+  scatter-add; the input gradient takes the same way back;
+- the gathered expert input (M x C) is not kept for backward: it is gathered again from ``x``,
+  which the router keeps alive anyway;
+- the combine weights' gradient ``<dL/dy_t, expert_e(x_t)>`` uses the saved unweighted expert
+  outputs (M x C), so nothing is divided by a weight that may be zero;
+- experts that received no rows are skipped (their gradient slices are zeroed, not computed);
+- the activation's backward is exact per activation, and activation dropout keeps a bool mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .grad_buffers import GradientBuffers
+
+_GELU_APPROXIMATION = {"gelu": "none", "gelu_fast": "tanh", "gelu_accurate": "tanh"}
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept (token, choice) assignment is computed, and the way back.
+
+    ``tokens_per_expert[e]`` consecutive rows go to expert e. For rows that are tokens already
+    sorted by expert (``presorted``), the three index tensors are None.
+    """
+
+    tokens_per_expert: list[int]  # E host ints summing to M
+    order: torch.Tensor | None = None  # M flat assignment ids (token * k + choice), by expert
+    token_index: torch.Tensor | None = None  # M, the token of each row (order // k)
+    combine_index: torch.Tensor | None = None  # N x k, each choice's row; M where dropped
+
+    @classmethod
+    def from_routing(
+        cls, expert_index: torch.Tensor, keep: torch.Tensor, num_experts: int
+    ) -> DispatchPlan:
+        """From the router's N x k chosen experts and N x k keep mask (False: dropped)."""
+        num_tokens, k = expert_index.shape
+        expert_flat = expert_index.reshape(-1)  # (N*k), token-major
+        kept = keep.reshape(-1).nonzero().squeeze(1)  # M
+        kept_expert = expert_flat[kept]  # M
+        order = kept[torch.sort(kept_expert, stable=True).indices]  # M, grouped by expert
+        rows = order.numel()
+        combine_index = torch.full_like(expert_flat, rows)  # (N*k), M = the zero row
+        combine_index[order] = torch.arange(rows, device=order.device)
+        return cls(
+            tokens_per_expert=torch.bincount(kept_expert, minlength=num_experts).tolist(),
+            order=order,
+            token_index=torch.div(order, k, rounding_mode="floor"),
+            combine_index=combine_index.view(num_tokens, k),
+        )
+
+    @classmethod
+    def presorted(cls, tokens_per_expert: Sequence[int]) -> DispatchPlan:
+        """Input rows that are already the assignments, sorted by expert; output row m is
+        row m's expert output."""
+        return cls(tokens_per_expert=list(tokens_per_expert))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.tokens_per_expert)
+
+
+def _activate(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activation output, what backward needs). May overwrite ``z`` (it is a fresh buffer)."""
+    if name == "relu":
+        a = z.relu_()
+        return a, a
+    if name == "tanh":
+        a = z.tanh_()
+        return a, a
+    if name == "linear":
+        return z, z
+    if name == "relu_squared":
+        r = z.relu_()
+        return r * r, r
+    if name in _GELU_APPROXIMATION:
+        return F.gelu(z, approximate=_GELU_APPROXIMATION[name]), z
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _activation_backward(
+    name: str, saved: torch.Tensor, grad_a: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activation output, dL/dz) from what ``_activate`` saved; may overwrite ``grad_a``."""
+    if name == "relu":
+        return saved, torch.ops.aten.threshold_backward(grad_a, saved, 0)
+    if name == "tanh":
+        return saved, torch.ops.aten.tanh_backward(grad_a, saved)
+    if name == "linear":
+        return saved, grad_a
+    if name == "relu_squared":  # saved = relu(z); a = r^2, da/dz = 2 r
+        return saved * saved, grad_a.mul_(saved).mul_(2.0)
+    approximate = _GELU_APPROXIMATION[name]
+    a = F.gelu(saved, approximate=approximate)
+    return a, torch.ops.aten.gelu_backward(grad_a, saved, approximate=approximate)
+
+
+def _dropout_scale(p: float) -> float:
+    """Inverted dropout's scale for kept units, 1 / (1 - p) (0 when everything is dropped)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+def _combine(rows: torch.Tensor, combine_index: torch.Tensor, weight: torch.Tensor | None):
+    """y[t] = sum_j weight[t, j] * rows[combine_index[t, j]]: (M+1) x C rows -> N x C.
+
+    The last row of ``rows`` is zero, so dropped choices (index M) add nothing."""
+    y = rows.index_select(0, combine_index[:, 0])  # N x C
+    if weight is not None:
+        y.mul_(weight[:, :1])
+    for j in range(1, combine_index.shape[1]):
+        part = rows.index_select(0, combine_index[:, j])  # N x C
+        if weight is None:
+            y.add_(part)
+        else:
+            y.addcmul_(part, weight[:, j : j + 1])
+    return y
+
+
+def _grouped_forward(
+    x: torch.Tensor,  # N x C (M x C when presorted)
+    plan: DispatchPlan,
+    weight: torch.Tensor | None,  # N x k combine weights (0 where dropped); None: all ones
+    fc1_weight: torch.Tensor,  # E x F x C
+    fc1_bias: torch.Tensor,  # E x F
+    fc2_weight: torch.Tensor,  # E x C x F
+    fc2_bias: torch.Tensor,  # E x C
+    activation: str,
+    dropout_p: float,  # 0 outside training
+    for_backward: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The forward pass as plain tensor ops (what ``torch.jit`` tracing sees, e.g. fvcore).
+
+    Returns:
+        y (N x C), the unweighted expert outputs ((M+1) x C, the last row zero), and per
+        non-empty expert what the activation's backward needs and the dropout keep masks (both
+        empty unless ``for_backward``, so that inference keeps one expert's activations at a
+        time).
+    """
+    xs = x if plan.token_index is None else x.index_select(0, plan.token_index)  # M x C
+    rows = xs.shape[0]
+    out = xs.new_empty(rows + 1, fc2_weight.shape[1])  # (M+1) x C, unweighted expert outputs
+    out[rows].zero_()
+    saved, masks = [], []
+    scale = _dropout_scale(dropout_p)
+    start = 0
+    for e, count in enumerate(plan.tokens_per_expert):
+        if count == 0:
+            continue
+        end = start + count
+        z = torch.addmm(fc1_bias[e], xs[start:end], fc1_weight[e].t())  # count x F
+        a, keep = _activate(activation, z)
+        if dropout_p > 0:
+            mask = torch.empty_like(a, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+            a = a * mask * scale
+            if for_backward:
+                masks.append(mask)
+        if for_backward:
+            saved.append(keep)
+        torch.addmm(fc2_bias[e], a, fc2_weight[e].t(), out=out[start:end])  # count x C
+        start = end
+    if plan.combine_index is None:
+        y = out[:rows].clone()  # presorted: row m is row m's expert output
+    else:
+        y = _combine(out, plan.combine_index, weight)  # N x C
+    return y, out, saved, masks
+
+
+class _GroupedExpertFFN(torch.autograd.Function):
+    """y[t] = sum_j weight[t, j] * fc2_e(drop(act(fc1_e(x[t])))) over t's kept choices j."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        weight,
+        fc1_weight,
+        fc1_bias,
+        fc2_weight,
+        fc2_bias,
+        plan,
+        activation,
+        dropout_p,
+        grad_buffers,
+    ):
+        y, out, saved, masks = _grouped_forward(
+            x, plan, weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, dropout_p
+        )
+        ctx.plan, ctx.activation, ctx.dropout_p = plan, activation, dropout_p
+        ctx.grad_buffers = grad_buffers
+        ctx.num_saved = len(saved)
+        keep_out = weight is not None and ctx.needs_input_grad[1]
+        out = out if keep_out else None
+        ctx.save_for_backward(
+            x, weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, *saved, *masks
+        )
+        return y  # N x C (M x C when presorted)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):  # grad_y: N x C
+        x, weight, w1, b1, w2, b2, out, *rest = ctx.saved_tensors
+        saved, masks = rest[: ctx.num_saved], rest[ctx.num_saved :]
+        plan: DispatchPlan = ctx.plan
+        need_x, need_weight, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
+        rows = plan.num_rows
+        grad_y = grad_y.contiguous()
+        if plan.token_index is None:
+            g = grad_y  # M x C
+        else:
+            g = grad_y.index_select(0, plan.token_index)  # M x C, unweighted, by expert
+        grad_weight = None
+        if need_weight:  # dL/dw[t, j] = <dL/dy_t, expert output of (t, j)>
+            grad_weight = weight.new_zeros(weight.numel())
+            grad_weight[plan.order] = torch.linalg.vecdot(g, out[:rows]).to(weight.dtype)
+            grad_weight = grad_weight.view_as(weight)
+        if weight is not None:
+            g = g.mul_(weight.reshape(-1)[plan.order].unsqueeze(1))  # dL/d(expert output)
+        xs = x if plan.token_index is None else x.index_select(0, plan.token_index)  # M x C
+        # Every slice of a weight gradient is written below, or zeroed if its expert got no rows.
+        buffers = ctx.grad_buffers if ctx.grad_buffers is not None else GradientBuffers(False)
+        dw1 = buffers.empty_like("fc1_weight", w1) if need_w1 else None
+        db1 = torch.empty_like(b1) if need_b1 else None
+        dw2 = buffers.empty_like("fc2_weight", w2) if need_w2 else None
+        db2 = torch.empty_like(b2) if need_b2 else None
+        dxs = xs.new_empty(rows + 1, xs.shape[1]) if need_x else None  # (M+1) x C
+        scale = _dropout_scale(ctx.dropout_p)
+        start, i = 0, 0
+        for e, count in enumerate(plan.tokens_per_expert):
+            if count == 0:
+                for grad in (dw1, db1, dw2, db2):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            end = start + count
+            ge = g[start:end]  # count x C
+            da = ge.mm(w2[e])  # count x F, dL/d(dropped activation)
+            if ctx.dropout_p > 0:
+                da = da.mul_(masks[i]).mul_(scale)
+            a, dz = _activation_backward(ctx.activation, saved[i], da)  # count x F each
+            if need_w2:
+                if ctx.dropout_p > 0:
+                    a = a * masks[i] * scale
+                torch.mm(ge.t(), a, out=dw2[e])  # C x F
+            if need_b2:
+                torch.sum(ge, dim=0, out=db2[e])
+            if need_w1:
+                torch.mm(dz.t(), xs[start:end], out=dw1[e])  # F x C
+            if need_b1:
+                torch.sum(dz, dim=0, out=db1[e])
+            if need_x:
+                torch.mm(dz, w1[e], out=dxs[start:end])  # count x C
+            start, i = end, i + 1
+        grad_x = None
+        if need_x:
+            if plan.combine_index is None:
+                grad_x = dxs[:rows]
+            else:
+                dxs[rows].zero_()
+                grad_x = _combine(dxs, plan.combine_index, None)  # N x C
+        return grad_x, grad_weight, dw1, db1, dw2, db2, None, None, None, None
+
+
+def grouped_expert_ffn(
+    x: torch.Tensor,
+    plan: DispatchPlan,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    activation: str = "relu",
+    weight: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    grad_buffers: GradientBuffers | None = None,
+) -> torch.Tensor:
+    """Run E stacked FFN experts on the assignments of ``plan`` and combine them per token.
+
+    Args:
+        x: N x C tokens (for a ``presorted`` plan: M x C rows sorted by expert).
+        plan: the assignments, sorted by expert (``DispatchPlan``).
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias: E x F x C, E x F, E x C x F, E x C.
+        activation: a name from ``experts.get_activation_fn``.
+        weight: N x k combine weights (None: 1; must be None for a presorted plan).
+        dropout_p: activation dropout probability (pass 0 outside training).
+        grad_buffers: where backward takes the weight-gradient buffers (``fc1_weight`` and
+            ``fc2_weight``) from; None allocates fresh ones.
+    Returns:
+        N x C: row t is ``sum_j weight[t, j] * expert(x[t])`` over t's kept choices j (zero for a
+        token with none); for a presorted plan, M x C expert outputs.
+    """
+    if plan.combine_index is None and weight is not None:
+        raise ValueError("a presorted DispatchPlan takes no combine weights")
+    params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    tensors = (x, weight, *params)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    # Inference, and tracers (fvcore's FLOP count), which must see the matrix products.
+    if not needs_grad or torch.jit.is_tracing():
+        with torch.no_grad():
+            return _grouped_forward(
+                x, plan, weight, *params, activation, dropout_p, for_backward=False
+            )[0]
+    return _GroupedExpertFFN.apply(*tensors, plan, activation, dropout_p, grad_buffers)

@@ -1,0 +1,590 @@
+#!/usr/bin/env python
+"""Speed and memory of the MoE layer against the dense limit and the public MoE patterns.
+
+    python scripts/benchmark_moe_layer.py                      # the full grid (CPU, and GPU if any)
+    python scripts/benchmark_moe_layer.py --tokens 8192 --experts 64 --topk 1
+
+For every setting (T tokens, E experts, top-k; d_model 512, d_ff 2048 by default) it times, in
+one process, on identical weights and inputs (``scripts/moe_layer_references.py``):
+
+- ``moe``: the product's ``MoELayer`` (router, sort-based dispatch, grouped experts), dropless,
+  so its expert FLOPs equal the dense limit's exactly;
+- ``moe_fresh_grads``: the same with weight-gradient buffer reuse off (fwd+bwd only);
+- ``dense``: the limit, one FFN of hidden size k*d_ff with the same activation, no router;
+- ``naive_loop`` / ``naive_loop_modules``: HF Mixtral/Qwen-MoE's per-expert loop over stacked
+  weights indexed per expert / over one ``nn.Linear`` pair per expert;
+- ``einsum``: GShard's one-hot T x E x C dispatch/combine (fairseq's moe/nllb branches), capacity
+  ``ceil(1.0 * k * T / E)`` so that its expert matmuls also do the dense FLOPs. Skipped, with the
+  estimate printed, when its T x E x C tensors would not fit in half the free memory.
+
+Protocol: torch threads set with ``--threads``; ``fwd`` is a forward without autograd,
+``fwd+bwd`` a training step (forward, backward of a random cotangent, then every gradient set to
+None as fairseq's ``zero_grad`` does); ``--warmup`` untimed runs, then the median of
+``--repeats`` timed runs (fewer, at least 3, for a reference slower than ``--max-seconds`` per
+measurement). CPU runs fp32; GPU runs bf16 with the device synchronised around each run.
+
+Peak memory of one fwd+bwd (weight-gradient buffers cleared first, so gradients are counted):
+on CPU the largest running sum of the allocations minus frees that ``torch.profiler`` records
+(``profile_memory=True``) during the step, i.e. memory above what existed before it (weights,
+input); on GPU ``torch.cuda.max_memory_allocated`` above the allocation before the step. The
+budget is 1.1 x (the dense limit's peak without its weight gradients + the expert weights).
+
+Router and dispatch shares (of the ``moe`` fwd+bwd time): the router alone (gate forward and
+backward), the grouped experts alone on pre-sorted rows with the same tokens per expert, and the
+rest (sort, gathers, weighting, scatter-add) as total minus the two.
+
+Prints a markdown table and target checks, and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from moe_layer_references import (  # noqa: E402
+    DenseFFN,
+    EinsumMoE,
+    NaiveLoopMoE,
+    einsum_peak_bytes_estimate,
+)
+
+from fairseq_moe_plugin.modules import MoELayer, StackedExperts, TopKGate  # noqa: E402
+
+IMPLS = ("moe", "moe_fresh_grads", "dense", "naive_loop", "naive_loop_modules", "einsum")
+MODES = ("fwd", "fwd+bwd")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="T values")
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 16, 64], help="E values")
+    p.add_argument("--topk", type=int, nargs="+", default=[1, 2], help="k values")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--d-ff", type=int, default=2048, help="hidden size of every expert")
+    p.add_argument("--activation", default="relu")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    p.add_argument(
+        "--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, cuda if present)"
+    )
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="cap on one measurement's timed runs for slow references (at least 3 runs)",
+    )
+    p.add_argument("--einsum-capacity-factor", type=float, default=1.0)
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.5,
+        help="skip the einsum reference when its estimate exceeds this fraction of free memory",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("results/benchmark_moe_layer.json"))
+    args = p.parse_args(argv)
+    if args.devices is None:
+        args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in args.devices:
+        if device not in ("cpu", "cuda"):
+            p.error(f"--devices: unknown device {device!r} (expected cpu or cuda)")
+        if device == "cuda" and not torch.cuda.is_available():
+            p.error("--devices cuda: no CUDA device is available")
+    for name in ("tokens", "experts", "topk"):
+        if min(getattr(args, name)) < 1:
+            p.error(f"--{name} values must be >= 1, got {getattr(args, name)}")
+    for k in args.topk:
+        if k > min(args.experts):
+            p.error(f"--topk {k} exceeds the smallest --experts value {min(args.experts)}")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# machine and measurement helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "cpus_available": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else None,
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def free_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_runs(fn, device: str, warmup: int, repeats: int, max_seconds: float) -> list[float]:
+    """Seconds of each timed run of ``fn`` after ``warmup`` untimed ones."""
+    first = None
+    for i in range(warmup):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i == 0:
+            first = time.perf_counter() - start
+    if first is not None and first * repeats > max_seconds:
+        repeats = max(3, int(max_seconds / first))
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_bytes(fn, device: str) -> int:
+    """Peak memory allocated during ``fn`` above what was allocated before it (see module doc)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------
+# one setting
+# ---------------------------------------------------------------------------------------------
+
+
+class Setting:
+    """Weights, input and cotangent for one (device, T, E, k), and a step per implementation."""
+
+    def __init__(self, args, device: str, tokens: int, experts: int, k: int):
+        self.device, self.tokens, self.experts, self.k = device, tokens, experts, k
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        torch.manual_seed(args.seed)
+        d, ff = args.d_model, args.d_ff
+        gate = TopKGate(d, experts, k=k, capacity_factor=0.0)  # dropless: the dense FLOPs
+        layer = MoELayer(gate, StackedExperts(experts, d, ff, activation_fn=args.activation))
+        self.layer = layer.to(device=device, dtype=self.dtype).train()
+        self.dense = DenseFFN(d, k * ff, args.activation).to(device=device, dtype=self.dtype)
+        self.x = torch.randn(tokens, d, device=device, dtype=self.dtype)  # T x C
+        self.grad_out = torch.randn(tokens, d, device=device, dtype=self.dtype)  # T x C
+        self.args = args
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    def module(self, impl: str) -> torch.nn.Module:
+        if impl not in self._modules:
+            if impl in ("moe", "moe_fresh_grads"):
+                self._modules[impl] = self.layer
+            elif impl == "dense":
+                self._modules[impl] = self.dense
+            elif impl == "naive_loop":
+                self._modules[impl] = NaiveLoopMoE(self.layer)
+            elif impl == "naive_loop_modules":
+                self._modules[impl] = NaiveLoopMoE(self.layer, per_expert_modules=True).to(
+                    self.device
+                )
+            elif impl == "einsum":
+                self._modules[impl] = EinsumMoE(self.layer, self.args.einsum_capacity_factor)
+        return self._modules[impl]
+
+    def forward(self, impl: str, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(impl)(x)
+        return out[0] if impl.startswith("moe") else out  # MoELayer returns (y, record)
+
+    def step(self, impl: str, mode: str):
+        """The callable timed for (impl, mode)."""
+        module = self.module(impl)
+        self.set_grad_buffer_reuse(impl != "moe_fresh_grads")
+        if mode == "fwd":
+
+            def run():
+                with torch.no_grad():
+                    self.forward(impl, self.x)
+
+            return run
+        x = self.x.detach().requires_grad_(True)
+
+        def run():
+            self.forward(impl, x).backward(self.grad_out)
+            for p in module.parameters():  # fairseq's zero_grad
+                p.grad = None
+            x.grad = None
+
+        return run
+
+    def set_grad_buffer_reuse(self, enabled: bool, clear: bool = False) -> None:
+        """Turn the experts' gradient-buffer reuse on or off (absent in older versions)."""
+        buffers = getattr(self.layer.experts, "grad_buffers", None)
+        if buffers is not None:
+            buffers.enabled = enabled
+            if clear:
+                buffers.clear()
+
+    def einsum_estimate(self) -> int:
+        return einsum_peak_bytes_estimate(
+            self.tokens,
+            self.experts,
+            self.k,
+            self.args.einsum_capacity_factor,
+            torch.finfo(self.dtype).bits // 8,
+        )
+
+    def load(self) -> dict:
+        """Tokens per expert under this setting's routing (max and min over the mean)."""
+        with torch.no_grad():
+            _, record = self.layer(self.x)
+        counts = record["expert_counts"].float()
+        mean = counts.mean().item()
+        return {
+            "max_over_mean": counts.max().item() / mean,
+            "min_over_mean": counts.min().item() / mean,
+        }
+
+    def breakdown(self, times) -> dict:
+        """Router, experts and dispatch/combine shares of the ``moe`` fwd+bwd time."""
+        layer, x = self.layer, self.x.detach().requires_grad_(True)
+        with torch.no_grad():
+            counts = layer(self.x)[1]["expert_counts"]
+        rows = int(counts.sum())
+        sorted_in = torch.randn(rows, x.shape[1], device=self.device, dtype=self.dtype)
+        sorted_in.requires_grad_(True)
+        sorted_grad = torch.randn_like(sorted_in)
+        weight_grad = torch.randn(x.shape[0], self.k, device=self.device)
+
+        def router():
+            g = layer.gate(x)
+            ((g.expert_weight * weight_grad).sum() + g.balance_loss + g.z_loss).backward()
+            layer.gate.wg.weight.grad = None
+            x.grad = None
+
+        def experts():
+            layer.experts(sorted_in, counts).backward(sorted_grad)
+            for p in layer.experts.parameters():
+                p.grad = None
+            sorted_in.grad = None
+
+        self.set_grad_buffer_reuse(True)
+        router_s = statistics.median(times(router))
+        experts_s = statistics.median(times(experts))
+        return {"router_s": router_s, "experts_s": experts_s}
+
+
+def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[dict]:
+    setting = Setting(args, device, tokens, experts, k)
+    common = {"device": device, "dtype": str(setting.dtype).replace("torch.", "")}
+    common.update(tokens=tokens, experts=experts, k=k, d_model=args.d_model, d_ff=args.d_ff)
+
+    def times(fn):
+        return time_runs(fn, device, args.warmup, args.repeats, args.max_seconds)
+
+    rows = []
+    load = setting.load()
+    for impl in args.impls:
+        row_base = dict(common, impl=impl)
+        if impl == "einsum":
+            need, free = setting.einsum_estimate(), free_memory_bytes(device)
+            if need > args.memory_fraction * free:
+                reason = (
+                    f"skipped: its T x E x C tensors need about {need / 2**30:.1f} GiB, more than "
+                    f"{args.memory_fraction:.0%} of the {free / 2**30:.1f} GiB free"
+                )
+                print(f"  {impl:20s} {reason}", flush=True)
+                rows.append(dict(row_base, skipped=reason))
+                continue
+        for mode in MODES:
+            if impl == "moe_fresh_grads" and mode == "fwd":
+                continue  # identical to moe's forward
+            step = setting.step(impl, mode)
+            runs = times(step)
+            median = statistics.median(runs)
+            row = dict(row_base, mode=mode, median_s=median, runs=len(runs))
+            row["tokens_per_s"] = tokens / median
+            if mode == "fwd+bwd" and not args.no_memory:
+                setting.set_grad_buffer_reuse(impl != "moe_fresh_grads", clear=True)
+                row["peak_bytes"] = peak_bytes(step, device)
+            if impl == "moe":
+                row["load"] = load
+            if impl == "moe" and mode == "fwd+bwd":
+                row.update(setting.breakdown(times))
+            print(
+                f"  {impl:20s} {mode:8s} {median * 1e3:10.1f} ms  {row['tokens_per_s']:12,.0f} tok/s"
+                + (f"  peak {row['peak_bytes'] / 2**20:8.1f} MiB" if "peak_bytes" in row else ""),
+                flush=True,
+            )
+            rows.append(row)
+    params = setting.layer.experts
+    expert_bytes = sum(p.numel() * p.element_size() for p in params.parameters())
+    dense_grad_bytes = sum(p.numel() * p.element_size() for p in setting.dense.parameters())
+    for row in rows:
+        row["expert_weight_bytes"] = expert_bytes
+        row["dense_weight_bytes"] = dense_grad_bytes
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# summary, targets, output
+# ---------------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One entry per (device, T, E, k, mode) with times in ms and ratios to the references."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if "skipped" in row:
+            for mode in MODES:
+                key = (row["device"], row["tokens"], row["experts"], row["k"], mode)
+                groups.setdefault(key, {})[row["impl"]] = row
+            continue
+        key = (row["device"], row["tokens"], row["experts"], row["k"], row["mode"])
+        groups.setdefault(key, {})[row["impl"]] = row
+    out = []
+    for (device, tokens, experts, k, mode), by_impl in groups.items():
+        entry = {"device": device, "tokens": tokens, "experts": experts, "k": k, "mode": mode}
+        ms = {
+            impl: r["median_s"] * 1e3
+            for impl, r in by_impl.items()
+            if "median_s" in r and r.get("mode") == mode
+        }
+        entry["ms"] = ms
+        entry["skipped"] = {i: r["skipped"] for i, r in by_impl.items() if "skipped" in r}
+        moe = ms.get("moe")
+        if moe:
+            entry["moe_tokens_per_s"] = tokens / moe * 1e3
+            for ref in ("dense", "naive_loop", "naive_loop_modules", "einsum", "moe_fresh_grads"):
+                if ref in ms:
+                    entry[f"{ref}_over_moe"] = ms[ref] / moe  # > 1: moe is faster
+            moe_row = by_impl["moe"]
+            if "router_s" in moe_row:
+                router, experts_ = moe_row["router_s"] * 1e3, moe_row["experts_s"] * 1e3
+                entry["router_share"] = router / moe
+                entry["experts_share"] = experts_ / moe
+                entry["dispatch_share"] = max(0.0, 1.0 - (router + experts_) / moe)
+            if "peak_bytes" in moe_row and "dense" in by_impl and "peak_bytes" in by_impl["dense"]:
+                dense_row = by_impl["dense"]
+                budget = 1.1 * (
+                    dense_row["peak_bytes"]
+                    - dense_row["dense_weight_bytes"]
+                    + moe_row["expert_weight_bytes"]
+                )
+                entry["moe_peak_mib"] = moe_row["peak_bytes"] / 2**20
+                entry["dense_peak_mib"] = dense_row["peak_bytes"] / 2**20
+                entry["memory_budget_mib"] = budget / 2**20
+            if "load" in moe_row:
+                entry["load_max_over_mean"] = moe_row["load"]["max_over_mean"]
+        out.append(entry)
+    return out
+
+
+def target_checks(summary: list[dict], args) -> list[dict]:
+    """The issue's targets, at T=8192, d_model 512, d_ff 2048, fp32 CPU, 2 threads, fwd+bwd."""
+    if (args.d_model, args.d_ff, args.threads) != (512, 2048, 2):
+        return []
+    checks = []
+    for s in summary:
+        if (s["device"], s["tokens"], s["mode"]) != ("cpu", 8192, "fwd+bwd"):
+            continue
+        where = f"E={s['experts']} k={s['k']}"
+        if "dense_over_moe" in s:
+            need = 0.85 if s["experts"] >= 64 else 0.9
+            value = s["dense_over_moe"]
+            checks.append(
+                {
+                    "check": f"{where}: throughput / dense >= {need}",
+                    "value": value,
+                    "ok": value >= need,
+                }
+            )
+        if "einsum_over_moe" in s:
+            value = s["einsum_over_moe"]
+            checks.append(
+                {"check": f"{where}: speed-up over einsum >= 3", "value": value, "ok": value >= 3}
+            )
+        if s["experts"] == 64 and "naive_loop_over_moe" in s:
+            value = s["naive_loop_over_moe"]
+            checks.append(
+                {
+                    "check": f"{where}: speed-up over the naive loop (HF, stacked experts) >= 2",
+                    "value": value,
+                    "ok": value >= 2,
+                }
+            )
+        if s["experts"] == 64 and "naive_loop_modules_over_moe" in s:
+            # Not a target: the per-expert-module loop is within ~1.6x of the dense limit, so a
+            # 2x margin over it would need the layer to beat the dense limit itself.
+            value = s["naive_loop_modules_over_moe"]
+            checks.append(
+                {"check": f"{where}: speed-up over the per-expert-module loop", "value": value}
+            )
+        if "memory_budget_mib" in s:
+            value = s["moe_peak_mib"] / s["memory_budget_mib"]
+            checks.append(
+                {"check": f"{where}: peak memory / budget <= 1", "value": value, "ok": value <= 1}
+            )
+    return checks
+
+
+def _cell(entry: dict, impl: str, ratio_key: str | None = None) -> str:
+    if impl in entry["ms"]:
+        ms = entry["ms"][impl]
+        text = f"{ms:,.0f}" if ms >= 10 else f"{ms:.1f}"
+        if ratio_key and ratio_key in entry:
+            text += f" ({entry[ratio_key]:.2f}x)"
+        return text
+    return "skipped" if impl in entry["skipped"] else "-"
+
+
+def markdown_tables(summary: list[dict]) -> str:
+    lines = []
+    for mode in MODES:
+        entries = [s for s in summary if s["mode"] == mode]
+        if not entries:
+            continue
+        lines.append(f"\n**{mode}** (ms, median; `(Nx)` = that reference's time / moe's time)\n")
+        header = [
+            "device",
+            "T",
+            "E",
+            "k",
+            "dense",
+            "moe",
+            "moe throughput / dense",
+            "moe, fresh grads",
+            "naive loop",
+            "naive loop (modules)",
+            "einsum",
+            "moe tokens/s",
+        ]
+        if mode == "fwd+bwd":
+            header += ["peak MiB moe / dense / budget", "router %", "dispatch %"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for s in entries:
+            cells = [
+                s["device"],
+                str(s["tokens"]),
+                str(s["experts"]),
+                str(s["k"]),
+                _cell(s, "dense"),
+                _cell(s, "moe"),
+                f"{s['dense_over_moe']:.2f}" if "dense_over_moe" in s else "-",
+                _cell(s, "moe_fresh_grads"),
+                _cell(s, "naive_loop", "naive_loop_over_moe"),
+                _cell(s, "naive_loop_modules", "naive_loop_modules_over_moe"),
+                _cell(s, "einsum", "einsum_over_moe"),
+                f"{s['moe_tokens_per_s']:,.0f}" if "moe_tokens_per_s" in s else "-",
+            ]
+            if mode == "fwd+bwd":
+                if "memory_budget_mib" in s:
+                    cells.append(
+                        f"{s['moe_peak_mib']:,.0f} / {s['dense_peak_mib']:,.0f} / "
+                        f"{s['memory_budget_mib']:,.0f}"
+                    )
+                else:
+                    cells.append("-")
+                cells.append(f"{100 * s['router_share']:.1f}" if "router_share" in s else "-")
+                cells.append(f"{100 * s['dispatch_share']:.1f}" if "dispatch_share" in s else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    print(
+        f"benchmark_moe_layer: {info['cpu']}, {info['cpus_available']} of {info['cpu_count']} "
+        f"cores available, torch {info['torch']} with {args.threads} threads"
+        + (f", GPU {info['gpu']}" if "gpu" in info else "")
+        + (f", malloc env {info['malloc_env']}" if info["malloc_env"] else ""),
+        flush=True,
+    )
+    rows = []
+    for device in args.devices:
+        for tokens in args.tokens:
+            for experts in args.experts:
+                for k in args.topk:
+                    if k > experts:
+                        continue
+                    print(f"{device} T={tokens} E={experts} k={k}", flush=True)
+                    rows.extend(run_setting(args, device, tokens, experts, k))
+    summary = summarise(rows)
+    checks = target_checks(summary, args)
+    tables = markdown_tables(summary)
+    print(tables)
+    if checks:
+        print("\nTargets (T=8192, fp32 CPU, 2 threads, fwd+bwd):")
+        for c in checks:
+            status = "INFO" if "ok" not in c else ("PASS" if c["ok"] else "FAIL")
+            print(f"  [{status}] {c['check']}: {c['value']:.2f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": info,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+        "summary": summary,
+        "targets": checks,
+        "markdown": tables,
+    }
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
