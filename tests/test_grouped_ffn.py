@@ -97,6 +97,14 @@ def test_every_token_dropped_matches_the_naive_loop(monkeypatch):
     assert record["expert_counts"].sum() == 0
 
 
+@pytest.mark.parametrize("factor", [0.0, 0.5])
+def test_a_single_expert_matches_the_naive_loop(factor):
+    layer = make_layer(1, 1, normalize_top_k=False, capacity_factor=factor, seed=4)
+    x, mask = _random_padded_batch(torch.Generator().manual_seed(4), 8, 4)
+    record = _layer_vs_naive(layer, x, mask, False)
+    assert record["dropped"].item() == (0 if factor == 0 else record["routed_tokens"].item() // 2)
+
+
 @pytest.mark.parametrize("num_experts, k", [(1, 1), (4, 1), (4, 3)])
 def test_one_token_matches_the_naive_loop(num_experts, k):
     layer = make_layer(num_experts, k, capacity_factor=1.0)
@@ -290,3 +298,19 @@ def test_inference_path_equals_the_autograd_path(activation):
     assert y_infer.grad_fn is None
     assert torch.equal(y_infer, y_train.detach())
     assert torch.equal(record_infer["expert_counts"], record_train["expert_counts"])
+
+
+def test_frozen_experts_still_pass_gradients_to_the_input_and_router():
+    layer = make_layer(4, 2, capacity_factor=0.0)
+    frozen = make_layer(4, 2, capacity_factor=0.0)
+    for p in frozen.experts.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(12, D_MODEL, dtype=torch.float64)
+    grads = {}
+    for name, model in (("trainable", layer), ("frozen", frozen)):
+        xi = x.clone().requires_grad_(True)
+        model(xi)[0].sum().backward()
+        grads[name] = (xi.grad, model.gate.wg.weight.grad)
+    assert all(p.grad is None for p in frozen.experts.parameters())
+    torch.testing.assert_close(grads["frozen"][0], grads["trainable"][0])
+    torch.testing.assert_close(grads["frozen"][1], grads["trainable"][1])

@@ -15,8 +15,9 @@ pattern as ``naive_loop``). Here:
 - tokens reach the experts by one gather (``token_index``) and come back by gathers through the
   inverse map (``combine_index``, with a zero row for dropped choices), not by a zero-filled
   scatter-add; the input gradient takes the same way back;
-- the gathered expert input (M x C) is not kept for backward: it is gathered again from ``x``,
-  which the router keeps alive anyway;
+- no M x C copy of the input (or of the output gradient) is made: each expert's rows are
+  gathered into one reused buffer, in forward and again in backward from ``x``, which the router
+  keeps alive anyway; likewise one buffer holds each expert's activation gradient in turn;
 - the combine weights' gradient ``<dL/dy_t, expert_e(x_t)>`` uses the saved unweighted expert
   outputs (M x C), so nothing is divided by a weight that may be zero;
 - experts that received no rows are skipped (their gradient slices are zeroed, not computed);
@@ -102,18 +103,20 @@ def _activate(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _activation_backward(
     name: str, saved: torch.Tensor, grad_a: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(activation output, dL/dz) from what ``_activate`` saved; may overwrite ``grad_a``."""
+    """(activation output, dL/dz) from what ``_activate`` saved; dL/dz overwrites ``grad_a``."""
+    aten = torch.ops.aten
     if name == "relu":
-        return saved, torch.ops.aten.threshold_backward(grad_a, saved, 0)
+        return saved, aten.threshold_backward.grad_input(grad_a, saved, 0, grad_input=grad_a)
     if name == "tanh":
-        return saved, torch.ops.aten.tanh_backward(grad_a, saved)
+        return saved, aten.tanh_backward.grad_input(grad_a, saved, grad_input=grad_a)
     if name == "linear":
         return saved, grad_a
     if name == "relu_squared":  # saved = relu(z); a = r^2, da/dz = 2 r
         return saved * saved, grad_a.mul_(saved).mul_(2.0)
     approximate = _GELU_APPROXIMATION[name]
     a = F.gelu(saved, approximate=approximate)
-    return a, torch.ops.aten.gelu_backward(grad_a, saved, approximate=approximate)
+    dz = aten.gelu_backward.grad_input(grad_a, saved, approximate=approximate, grad_input=grad_a)
+    return a, dz
 
 
 def _dropout_scale(p: float) -> float:
@@ -137,6 +140,35 @@ def _combine(rows: torch.Tensor, combine_index: torch.Tensor, weight: torch.Tens
     return y
 
 
+def _expert_slices(plan: DispatchPlan):
+    """(expert, first row, end row) of every expert that received rows, in order."""
+    start = 0
+    for e, count in enumerate(plan.tokens_per_expert):
+        if count:
+            yield e, start, start + count
+            start += count
+
+
+class _ExpertRows:
+    """Gathers one expert's rows at a time into a reused buffer (largest expert x C), so that
+    no M x C copy of the input is made, in forward or backward."""
+
+    def __init__(self, plan: DispatchPlan):
+        self.index = plan.token_index
+        self.largest = max(plan.tokens_per_expert, default=0)
+        self.buffer: torch.Tensor | None = None  # allocated on first use
+
+    def rows(self, source: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Rows start:end of the plan taken from ``source`` (N x C); for a presorted plan, a
+        view of ``source`` itself (not to be written)."""
+        if self.index is None:
+            return source[start:end]
+        if self.buffer is None:
+            self.buffer = source.new_empty(self.largest, source.shape[1])
+        out = self.buffer[: end - start]
+        return torch.index_select(source, 0, self.index[start:end], out=out)
+
+
 def _grouped_forward(
     x: torch.Tensor,  # N x C (M x C when presorted)
     plan: DispatchPlan,
@@ -157,18 +189,15 @@ def _grouped_forward(
         empty unless ``for_backward``, so that inference keeps one expert's activations at a
         time).
     """
-    xs = x if plan.token_index is None else x.index_select(0, plan.token_index)  # M x C
-    rows = xs.shape[0]
-    out = xs.new_empty(rows + 1, fc2_weight.shape[1])  # (M+1) x C, unweighted expert outputs
+    rows = plan.num_rows
+    out = x.new_empty(rows + 1, fc2_weight.shape[1])  # (M+1) x C, unweighted expert outputs
     out[rows].zero_()
+    gather = _ExpertRows(plan)
     saved, masks = [], []
     scale = _dropout_scale(dropout_p)
-    start = 0
-    for e, count in enumerate(plan.tokens_per_expert):
-        if count == 0:
-            continue
-        end = start + count
-        z = torch.addmm(fc1_bias[e], xs[start:end], fc1_weight[e].t())  # count x F
+    for e, start, end in _expert_slices(plan):
+        xe = gather.rows(x, start, end)  # count x C, expert e's tokens
+        z = torch.addmm(fc1_bias[e], xe, fc1_weight[e].t())  # count x F
         a, keep = _activate(activation, z)
         if dropout_p > 0:
             mask = torch.empty_like(a, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
@@ -178,7 +207,6 @@ def _grouped_forward(
         if for_backward:
             saved.append(keep)
         torch.addmm(fc2_bias[e], a, fc2_weight[e].t(), out=out[start:end])  # count x C
-        start = end
     if plan.combine_index is None:
         y = out[:rows].clone()  # presorted: row m is row m's expert output
     else:
@@ -225,36 +253,32 @@ class _GroupedExpertFFN(torch.autograd.Function):
         need_x, need_weight, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:6]
         rows = plan.num_rows
         grad_y = grad_y.contiguous()
-        if plan.token_index is None:
-            g = grad_y  # M x C
-        else:
-            g = grad_y.index_select(0, plan.token_index)  # M x C, unweighted, by expert
-        grad_weight = None
-        if need_weight:  # dL/dw[t, j] = <dL/dy_t, expert output of (t, j)>
-            grad_weight = weight.new_zeros(weight.numel())
-            grad_weight[plan.order] = torch.linalg.vecdot(g, out[:rows]).to(weight.dtype)
-            grad_weight = grad_weight.view_as(weight)
-        if weight is not None:
-            g = g.mul_(weight.reshape(-1)[plan.order].unsqueeze(1))  # dL/d(expert output)
-        xs = x if plan.token_index is None else x.index_select(0, plan.token_index)  # M x C
+        # Combine weights in expert order, and their gradient dL/dw[t, j] = <dL/dy_t, out_tj>.
+        sorted_weight = None if weight is None else weight.reshape(-1)[plan.order]  # M
+        grad_sorted_weight = weight.new_empty(rows) if need_weight else None  # M
         # Every slice of a weight gradient is written below, or zeroed if its expert got no rows.
         buffers = ctx.grad_buffers if ctx.grad_buffers is not None else GradientBuffers(False)
         dw1 = buffers.empty_like("fc1_weight", w1) if need_w1 else None
         db1 = torch.empty_like(b1) if need_b1 else None
         dw2 = buffers.empty_like("fc2_weight", w2) if need_w2 else None
         db2 = torch.empty_like(b2) if need_b2 else None
-        dxs = xs.new_empty(rows + 1, xs.shape[1]) if need_x else None  # (M+1) x C
-        scale = _dropout_scale(ctx.dropout_p)
-        start, i = 0, 0
         for e, count in enumerate(plan.tokens_per_expert):
             if count == 0:
                 for grad in (dw1, db1, dw2, db2):
                     if grad is not None:
                         grad[e].zero_()
-                continue
-            end = start + count
-            ge = g[start:end]  # count x C
-            da = ge.mm(w2[e])  # count x F, dL/d(dropped activation)
+        dxs = x.new_empty(rows + 1, x.shape[1]) if need_x else None  # (M+1) x C
+        grads_out, inputs = _ExpertRows(plan), _ExpertRows(plan)
+        largest = max(plan.tokens_per_expert, default=0)
+        da_buffer = grad_y.new_empty(largest, w2.shape[2])  # largest expert x F
+        scale = _dropout_scale(ctx.dropout_p)
+        for i, (e, start, end) in enumerate(_expert_slices(plan)):
+            ge = grads_out.rows(grad_y, start, end)  # count x C, dL/d(combined output)
+            if need_weight:
+                torch.linalg.vecdot(ge, out[start:end], out=grad_sorted_weight[start:end])
+            if sorted_weight is not None:  # (weights come with a gathered, writable ge)
+                ge = ge.mul_(sorted_weight[start:end].unsqueeze(1))  # dL/d(expert output)
+            da = torch.mm(ge, w2[e], out=da_buffer[: end - start])  # count x F
             if ctx.dropout_p > 0:
                 da = da.mul_(masks[i]).mul_(scale)
             a, dz = _activation_backward(ctx.activation, saved[i], da)  # count x F each
@@ -265,12 +289,16 @@ class _GroupedExpertFFN(torch.autograd.Function):
             if need_b2:
                 torch.sum(ge, dim=0, out=db2[e])
             if need_w1:
-                torch.mm(dz.t(), xs[start:end], out=dw1[e])  # F x C
+                torch.mm(dz.t(), inputs.rows(x, start, end), out=dw1[e])  # F x C
             if need_b1:
                 torch.sum(dz, dim=0, out=db1[e])
             if need_x:
                 torch.mm(dz, w1[e], out=dxs[start:end])  # count x C
-            start, i = end, i + 1
+        grad_weight = None
+        if need_weight:
+            grad_weight = weight.new_zeros(weight.numel())
+            grad_weight[plan.order] = grad_sorted_weight
+            grad_weight = grad_weight.view_as(weight)
         grad_x = None
         if need_x:
             if plan.combine_index is None:

@@ -88,13 +88,13 @@ class MoELayer(nn.Module):
             y = y_tokens.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
         else:
             y = y_tokens
-        return y.view(shape), self._record(gate_out)
+        return y.view(shape), self._record(gate_out, plan)
 
-    def _record(self, gate_out: GateOutput) -> MoERecord:
+    def _record(self, gate_out: GateOutput, plan: DispatchPlan) -> MoERecord:
         num_tokens, k = gate_out.expert_index.shape
         index = gate_out.expert_index.detach()
         routed = torch.bincount(index.reshape(-1), minlength=self.num_experts)
-        kept = torch.bincount(index[gate_out.keep], minlength=self.num_experts)
+        kept = torch.tensor(plan.tokens_per_expert, device=index.device)
         with torch.no_grad():
             entropy = routing_entropy(gate_out.probs).mean() if num_tokens else index.new_zeros(())
         return {
