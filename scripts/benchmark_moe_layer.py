@@ -17,9 +17,12 @@ one process, on identical weights and inputs (``scripts/moe_layer_references.py`
   ``ceil(1.0 * k * T / E)`` so that its expert matmuls also do the dense FLOPs. Skipped, with the
   estimate printed, when its T x E x C tensors would not fit in half the free memory.
 
-Protocol: torch threads set with ``--threads``; ``fwd`` is a forward without autograd,
+Protocol: each setting runs in a fresh process (so the gigabytes one setting's references
+allocate do not change the allocator state the next setting starts from), with torch threads set
+by ``--threads``; ``fwd`` is a forward without autograd,
 ``fwd+bwd`` a training step (forward, backward of a random cotangent, then every gradient set to
-None as fairseq's ``zero_grad`` does); ``--warmup`` untimed runs, then the median of
+None as fairseq's ``zero_grad`` does); one untimed step of ``moe`` and ``dense`` when the
+setting's process starts, ``--warmup`` untimed runs per measurement, then the median of
 ``--repeats`` timed runs (fewer, at least 3, for a reference slower than ``--max-seconds`` per
 measurement). CPU runs fp32; GPU runs bf16 with the device synchronised around each run.
 
@@ -40,11 +43,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -326,6 +331,7 @@ class Setting:
 
 
 def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[dict]:
+    torch.set_num_threads(args.threads)
     setting = Setting(args, device, tokens, experts, k)
     common = {"device": device, "dtype": str(setting.dtype).replace("torch.", "")}
     common.update(tokens=tokens, experts=experts, k=k, d_model=args.d_model, d_ff=args.d_ff)
@@ -335,6 +341,9 @@ def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[di
 
     rows = []
     load = setting.load()
+    for impl in ("moe", "dense"):  # a new process: touch the allocator before anything is timed
+        if impl in args.impls:
+            setting.step(impl, "fwd+bwd")()
     for impl in args.impls:
         row_base = dict(common, impl=impl)
         if impl == "einsum":
@@ -543,6 +552,13 @@ def markdown_tables(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_in_fresh_process(args, device: str, tokens: int, experts: int, k: int) -> list[dict]:
+    """``run_setting`` in a new interpreter (spawned, so no allocator or CUDA state is shared)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+        return pool.submit(run_setting, args, device, tokens, experts, k).result()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -562,7 +578,7 @@ def main(argv=None) -> int:
                     if k > experts:
                         continue
                     print(f"{device} T={tokens} E={experts} k={k}", flush=True)
-                    rows.extend(run_setting(args, device, tokens, experts, k))
+                    rows.extend(run_in_fresh_process(args, device, tokens, experts, k))
     summary = summarise(rows)
     checks = target_checks(summary, args)
     tables = markdown_tables(summary)
