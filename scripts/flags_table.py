@@ -1,8 +1,8 @@
 """Print, check or rewrite the README's table of MoE command-line flags.
 
 The table is generated from the dataclasses that define the flags: ``MoEConfig`` (the model's
-options) and ``MoELossConfig`` (the MoE criterion's). In the README it sits between the markers
-``<!-- flags:begin -->`` and ``<!-- flags:end -->``.
+options), ``MoELossConfig`` and ``MoEMonitorConfig`` (the MoE criteria's). In the README it sits
+between the markers ``<!-- flags:begin -->`` and ``<!-- flags:end -->``.
 
     python scripts/flags_table.py                    # print the table
     python scripts/flags_table.py --check README.md  # exit 1 if the README's table is stale
@@ -25,11 +25,12 @@ except ImportError:  # not installed: use the source tree this script belongs to
     import fairseq_moe_plugin  # noqa: F401
 
 from fairseq_moe_plugin.criterions.moe_aux import MoELossConfig
+from fairseq_moe_plugin.criterions.moe_criterion import MoEMonitorConfig
 from fairseq_moe_plugin.models.moe_config import MoEConfig
 
 BEGIN = "<!-- flags:begin -->"
 END = "<!-- flags:end -->"
-DATACLASSES = (MoEConfig, MoELossConfig)
+DATACLASSES = (MoEConfig, MoELossConfig, MoEMonitorConfig)
 
 
 def flag_name(field_name: str) -> str:
@@ -109,13 +110,13 @@ def check(path: Path, table: str) -> int:
         section.strip().splitlines(),
         table.strip().splitlines(),
         fromfile=f"{path} (flags table)",
-        tofile="generated from MoEConfig and MoELossConfig",
+        tofile="generated from MoEConfig, MoELossConfig and MoEMonitorConfig",
         lineterm="",
     )
     print("\n".join(diff))
     print(
-        f"\n{path}: the flags table differs from the one generated from MoEConfig and "
-        f"MoELossConfig; run `python scripts/flags_table.py --write {path}` to update it",
+        f"\n{path}: the flags table differs from the one generated from MoEConfig, "
+        f"MoELossConfig and MoEMonitorConfig; run `python scripts/flags_table.py --write {path}` to update it",
         file=sys.stderr,
     )
     return 1

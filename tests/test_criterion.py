@@ -91,7 +91,7 @@ def test_aux_loss_is_weighted_sum_over_layers_times_sample_size(toy_data):
     for r in records:
         layer = "enc" if r["layer"].startswith("encoder") else "dec"
         key = f"moe_count:{layer}{r['layer'].rsplit('.', 1)[1]}:0"
-        assert log[key] == r["expert_counts"][0]
+        assert log[key] == r["expert_counts_routed"][0]  # the router's choices
 
 
 def test_aux_loss_gradient_reaches_the_router(toy_data):
@@ -139,7 +139,49 @@ def test_reduce_metrics_derives_ratios_from_summed_counts():
     assert values["moe_enc1_max_load"] == pytest.approx(0.6)
     assert values["moe_enc1_min_load"] == pytest.approx(0.4)
     assert values["moe_enc1_cv"] == pytest.approx(0.2)
-    assert not any(k.startswith("moe_count") for k in values), "per-expert counts flooded logs"
+    assert values["moe_enc1_load_e0"] == pytest.approx(0.6)
+    assert values["moe_enc1_load_e1"] == pytest.approx(0.4)
+    assert not any(k.startswith(("moe_count", "moe_layer:")) for k in values)
+
+
+def test_per_layer_metrics_hand_computed(toy_data):
+    """Two batches, one layer: every per-layer metric is derived from summed counts."""
+    criterion = _moe_criterion(toy_data, 0.01, 0.001)
+    records = [
+        {"layer": "decoder.layers.1", "balance_loss": torch.tensor(1.5), "z_loss": torch.tensor(2.0),
+         "dropped": torch.tensor(2), "dropped_tokens": torch.tensor(1),
+         "routed_tokens": torch.tensor(10), "k": 2,
+         "entropy": torch.tensor(0.5), "expert_counts_routed": torch.tensor([12, 4, 4, 0])},
+        {"layer": "decoder.layers.1", "balance_loss": torch.tensor(1.0), "z_loss": torch.tensor(1.0),
+         "dropped": torch.tensor(0), "dropped_tokens": torch.tensor(0),
+         "routed_tokens": torch.tensor(30), "k": 2,
+         "entropy": torch.tensor(1.0), "expert_counts_routed": torch.tensor([15, 15, 15, 15])},
+    ]  # fmt: skip
+    from fairseq_moe_plugin.criterions.moe_aux import moe_logging_output
+
+    logs = [
+        dict(moe_logging_output([r], torch.tensor(0.0), size), sample_size=size, ntokens=size,
+             loss=0.0, nll_loss=0.0)
+        for r, size in zip(records, (10, 30), strict=True)
+    ]  # fmt: skip
+    with metrics.aggregate(new_root=True) as agg:
+        criterion.__class__.reduce_metrics(logs)
+        v = agg.get_smoothed_values()
+    assert v["moe_dec1_balance"] == pytest.approx((1.5 * 10 + 1.0 * 30) / 40)
+    assert v["moe_dec1_z_loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
+    assert v["moe_dec1_dropped_frac"] == pytest.approx(2 / 80)
+    assert v["moe_dec1_dropped_token_frac"] == pytest.approx(1 / 40)
+    assert v["moe_dropped_token_frac"] == pytest.approx(1 / 40)
+    assert v["moe_dec1_entropy"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 40)
+    # counts [27, 19, 19, 15] of 80
+    assert [v[f"moe_dec1_load_e{e}"] for e in range(4)] == pytest.approx(
+        [27 / 80, 19 / 80, 19 / 80, 15 / 80]
+    )
+    assert v["moe_dec1_max_load"] == pytest.approx(27 / 80, abs=1e-3)  # logged with 3 decimals
+    assert v["moe_dec1_min_load"] == pytest.approx(15 / 80, abs=1e-3)
+    mean = 20
+    std = math.sqrt(((27 - mean) ** 2 + 2 * (19 - mean) ** 2 + (15 - mean) ** 2) / 4)
+    assert v["moe_dec1_cv"] == pytest.approx(std / mean, abs=1e-3)
 
 
 def test_negative_weight_is_rejected(toy_data):

@@ -1,11 +1,13 @@
 """End to end on a toy corpus: fairseq-train (--user-dir) -> fairseq-generate / interactive /
 hub interface -> sacrebleu. Marked slow; runs in CI (`make test`)."""
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
+import routing_plots as rp
 import sacrebleu
 from conftest import BIN, PLUGIN_DIR, REPO, run_cli
 
@@ -53,6 +55,8 @@ TRAIN_FLAGS = [
     "--maximize-best-checkpoint-metric",
     "--num-workers",
     0,
+    "--moe-monitor-interval",
+    50,
 ]
 
 
@@ -93,6 +97,12 @@ def test_training_loss_goes_down_and_moe_metrics_are_logged(trained):
         "moe_entropy",
         "moe_enc0_max_load",
         "moe_dec1_cv",
+        "moe_enc1_load_e0",
+        "moe_dec1_entropy",
+        "moe_dec1_dropped_frac",
+        "moe_dec1_dropped_token_frac",
+        "moe_enc1_balance",
+        "moe_enc1_z_loss",
     ):
         assert re.search(rf"\btrain_inner\b.*\b{name}[ =]", trained["log"]), name
         assert re.search(rf"\bvalid\b.*\b{name}[ =]", trained["log"]), name
@@ -107,6 +117,11 @@ def test_tensorboard_shows_moe_metrics(trained):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"moe_balance_loss", "moe_z_loss", "moe_enc1_cv", "moe_dropped_frac"} <= tags, tags
+    assert {"moe_enc1_load_e0", "moe_dec1_load_e3", "moe_dec1_entropy"} <= tags, tags
+    # expert_usage.py draws the loads over updates from this tensorboard directory.
+    series = rp.training_series(rp.read_training_log(trained["work"] / "tb"))
+    assert len(series["loads"]["enc1"]) == 4 and len(series["updates"]) >= 8
+    assert all(abs(sum(s[i] for s in series["loads"]["dec1"]) - 1) < 1e-3 for i in range(8))
 
 
 def test_generate_with_beam_and_score_with_sacrebleu(trained):
@@ -197,3 +212,25 @@ def test_hub_interface_translates(trained, tmp_path):
     out = hub.translate(src, beam=5)
     assert len(out) == 4
     assert sacrebleu.corpus_bleu(out, [ref]).score > 20
+
+
+def test_expert_usage_on_the_trained_model_with_beam_search(trained):
+    import expert_usage
+
+    out = trained["work"] / "usage"
+    code = expert_usage.main([
+        "--checkpoint", str(trained["work"] / "checkpoints" / "checkpoint_best.pt"),
+        "--split", "test", "--generate", "--beam", "3", "--out", str(out),
+        "--train-log", str(trained["work"] / "train.log"),
+    ])  # fmt: skip
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "generate"
+    hypotheses = json.loads((out / "hypotheses.json").read_text())
+    assert len(hypotheses) == 100  # every test sentence
+    assert {"layer_expert_share", "entropy_gini", "capacity_overflow", "token_identity",
+            "train_expert_load", "train_balance_entropy"} <= set(summary["figures"])  # fmt: skip
+    for figure in summary["figures"].values():
+        assert (out / figure["png"]).stat().st_size > 1000
+    loads = summary["figures"]["train_expert_load"]["data"]["loads"]
+    assert set(loads) == {"enc0", "enc1", "dec0", "dec1"}

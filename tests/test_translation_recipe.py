@@ -112,3 +112,27 @@ def test_multilingual_train_generate_score(multi_raw, tmp_path):
     for lang in ("de", "fr"):
         assert report["results"][lang]["num_sentences"] == 60
         assert report["results"][lang]["chrf"]["score"] > 20, report["results"][lang]
+    # Routing analysis of the multilingual model: per-language figures exist and match the log.
+    import expert_usage
+    import numpy as np
+    import routing_analysis as ra
+
+    usage = tmp_path / "usage"
+    assert expert_usage.main(["--checkpoint", str(tmp_path / "ck" / "checkpoint_best.pt"),
+                              "--data", str(work / "data-bin"), "--split", "test",
+                              "--out", str(usage), "--train-log", str(tmp_path / "train.log")]) == 0  # fmt: skip
+    summary = json.loads((usage / "summary.json").read_text())
+    log = ra.load_log(usage / "routing.npz")
+    assert summary["languages"]["decoder"]["grouped_by"] == "language"
+    assert summary["languages"]["decoder"]["groups"] == ["de", "fr"]
+    # The encoder reads English only: grouped by direction (the target-language tag differs).
+    assert summary["languages"]["encoder"]["groups"] == ["en-de", "en-fr"]
+    figure = summary["figures"]["decoder_language_share_decoder_layers_1"]["data"]
+    layer = log["layer_names"].tolist().index("decoder.layers.1")
+    for row, lang in zip(figure["values"], ("de", "fr"), strict=True):
+        rows = (log["layer"] == layer) & (log["lang"] == log["langs"].tolist().index(lang))
+        counts = np.bincount(log["experts"][rows].ravel(), minlength=4)
+        np.testing.assert_allclose(row, counts / counts.sum())
+    assert (usage / summary["figures"]["decoder_language_similarity"]["png"]).stat().st_size > 1000
+    sentences = {(int(p), int(s)) for p, s in zip(log["pair"], log["sentence"], strict=True)}
+    assert len(sentences) == 120  # every test sentence of both directions

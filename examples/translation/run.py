@@ -9,7 +9,9 @@
 4. fairseq-generate (beam search) per language, sacrebleu BLEU and chrF on detokenised text;
 5. FLOPs and parameters (scripts/flops.py), generation latency/throughput
    (scripts/benchmark_generate.py);
-6. ``results/<run>/metrics.json`` and a table on the console.
+6. routing analysis of the test set under beam search (scripts/expert_usage.py), with the
+   training log's loads over updates, in ``results/<run>/usage/``;
+7. ``results/<run>/metrics.json`` and a table on the console.
 
 Every step writes its log under ``results/<run>/``; a finished step is not redone when the run is
 repeated with the same ``--run`` (delete the folder to start over).
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
         if a.raw is None:
             raw = out / "corpus"
             pairs = ",".join(f"en-{lang}" for lang in a.langs.split(","))
-            log(f"1/6 corpus: gettext catalogues, en -> {a.langs}")
+            log(f"1/7 corpus: gettext catalogues, en -> {a.langs}")
             run([py, REPO / "scripts" / "build_gettext_corpus.py", "--langs", a.langs,
                  "--out", raw, "--valid-size", 300, "--test-size", a.test_size,
                  "--max-train-per-lang", a.max_train_per_lang], out / "corpus.log",
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
             if not a.pairs:
                 raise SystemExit("--raw needs --pairs (e.g. --pairs en-de)")
             raw, pairs = a.raw, a.pairs
-        log(f"2/6 sentencepiece + fairseq-preprocess -> {work}")
+        log(f"2/7 sentencepiece + fairseq-preprocess -> {work}")
         run([py, HERE / "prepare_data.py", "--raw", raw, "--pairs", pairs, "--out", work,
              "--vocab-size", a.vocab_size], out / "prepare.log",
             lambda s: s.rstrip() if "error" in s else None)  # fmt: skip
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     ckpt = ckpt_dir / "checkpoint_best.pt"
     model_args = MODEL_PRESETS[a.model] + a.model_args.split()
     if not ckpt.exists():
-        log(f"3/6 training {a.model} for at most {a.budget_minutes} min "
+        log(f"3/7 training {a.model} for at most {a.budget_minutes} min "
             f"(log: {out / 'train.log'})")  # fmt: skip
         run([BIN / "fairseq-train", data_bin, "--user-dir", PLUGIN, *task_args(prep),
              "--sampling-method", "temperature", "--sampling-temperature", "1.5",
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
     train_text = (out / "train.log").read_text()
 
     # 4. translate and score, per language
-    log("4/6 beam search (beam 5) and sacrebleu, per language")
+    log("4/7 beam search (beam 5) and sacrebleu, per language")
     scores_in = []
     for pair in prep["pairs"]:
         src, tgt = pair.split("-")
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
     scores = json.loads((out / "scores.json").read_text())
 
     # 5. FLOPs, parameters, generation speed (first pair)
-    log("5/6 FLOPs/parameters and generation latency")
+    log("5/7 FLOPs/parameters and generation latency")
     src, tgt = prep["pairs"][0].split("-")
     lang_args = [*task_args(prep), "--source-lang", src, "--target-lang", tgt]
     run([py, REPO / "scripts" / "flops.py", "--path", ckpt, "--data", data_bin,
@@ -222,8 +224,16 @@ def main(argv=None) -> int:
          "--bench-max-sentences", a.bench_sentences, "--bench-json", out / "latency.json"],
         out / "latency.log")  # fmt: skip
 
-    # 6. metrics.json and the table
-    log("6/6 metrics")
+    # 6. routing analysis: which experts the test set's tokens use, per language
+    usage = out / "usage"
+    if not (usage / "summary.json").exists():
+        log(f"6/7 routing analysis (beam 5) -> {usage}")
+        run([py, REPO / "scripts" / "expert_usage.py", "--checkpoint", ckpt, "--data", data_bin,
+             "--split", "test", "--generate", "--beam", "5", "--train-log", out / "train.log",
+             "--out", usage], out / "usage.log")  # fmt: skip
+
+    # 7. metrics.json and the table
+    log("7/7 metrics")
     train_stats = json_stats(train_text, "train")
     epochs = [s for s in train_stats if "train_wps" in s and "train_inner" not in s]
     valid = json_stats(train_text, "valid")

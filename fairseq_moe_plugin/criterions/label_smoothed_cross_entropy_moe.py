@@ -1,5 +1,6 @@
 """``label_smoothed_cross_entropy_moe``: fairseq's label-smoothed cross-entropy plus the MoE
-auxiliary losses (load balance, Switch Transformer eq. 4-6; router z-loss, ST-MoE eq. 5).
+auxiliary losses (load balance, Switch Transformer eq. 4-6; router z-loss, ST-MoE eq. 5), the
+routing metrics and the routing monitor (``moe_criterion.py``).
 
 With ``--moe-balance-loss-weight 0 --moe-z-loss-weight 0`` it is exactly fairseq's
 ``label_smoothed_cross_entropy`` (same loss, same gradients); the routing metrics are still
@@ -14,18 +15,13 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 
-from .moe_aux import (
-    MoELossConfig,
-    moe_aux_loss,
-    moe_logging_output,
-    moe_records_of,
-    reduce_moe_metrics,
-)
+from .moe_aux import reduce_moe_metrics
+from .moe_criterion import MoECriterionConfig, MoECriterionMixin
 
 
 @dataclass
 class LabelSmoothedCrossEntropyMoECriterionConfig(
-    LabelSmoothedCrossEntropyCriterionConfig, MoELossConfig
+    LabelSmoothedCrossEntropyCriterionConfig, MoECriterionConfig
 ):
     pass
 
@@ -33,7 +29,7 @@ class LabelSmoothedCrossEntropyMoECriterionConfig(
 @register_criterion(
     "label_smoothed_cross_entropy_moe", dataclass=LabelSmoothedCrossEntropyMoECriterionConfig
 )
-class LabelSmoothedCrossEntropyMoECriterion(LabelSmoothedCrossEntropyCriterion):
+class LabelSmoothedCrossEntropyMoECriterion(MoECriterionMixin, LabelSmoothedCrossEntropyCriterion):
     def __init__(
         self,
         task,
@@ -43,27 +39,31 @@ class LabelSmoothedCrossEntropyMoECriterion(LabelSmoothedCrossEntropyCriterion):
         report_accuracy=False,
         moe_balance_loss_weight=0.01,
         moe_z_loss_weight=0.001,
+        moe_monitor_interval=100,
+        moe_monitor_low_load=0.4,
+        moe_monitor_high_load=2.0,
+        moe_monitor_collapse_share=0.8,
+        moe_balance_boost_factor=1.0,
+        moe_balance_boost_max=1.0,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        if moe_balance_loss_weight < 0 or moe_z_loss_weight < 0:
-            raise ValueError(
-                "--moe-balance-loss-weight and --moe-z-loss-weight must be >= 0, got "
-                f"{moe_balance_loss_weight} and {moe_z_loss_weight}"
-            )
-        self.moe_balance_loss_weight = moe_balance_loss_weight
-        self.moe_z_loss_weight = moe_z_loss_weight
+        self.init_moe(
+            moe_balance_loss_weight,
+            moe_z_loss_weight,
+            moe_monitor_interval,
+            moe_monitor_low_load,
+            moe_monitor_high_load,
+            moe_monitor_collapse_share,
+            moe_balance_boost_factor,
+            moe_balance_boost_max,
+        )
 
     def forward(self, model, sample, reduce=True):
         """fairseq's forward with the aux term added: ``loss = CE_sum + aux * sample_size``."""
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-
-        records = moe_records_of(net_output)
-        aux = moe_aux_loss(records, self.moe_balance_loss_weight, self.moe_z_loss_weight)
-        if records and (self.moe_balance_loss_weight > 0 or self.moe_z_loss_weight > 0):
-            # With reduce=False the loss is per token: spread the batch's aux term evenly.
-            loss = loss + aux * sample_size / (1 if reduce else loss.numel())
+        loss, moe_logs = self.add_moe(model, net_output, loss, sample_size, reduce=reduce)
 
         logging_output = {
             "loss": loss.data if reduce else loss.data.sum(),
@@ -72,7 +72,7 @@ class LabelSmoothedCrossEntropyMoECriterion(LabelSmoothedCrossEntropyCriterion):
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
         }
-        logging_output.update(moe_logging_output(records, aux, sample_size))
+        logging_output.update(moe_logs)
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = n_correct.data

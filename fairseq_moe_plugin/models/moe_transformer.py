@@ -173,6 +173,12 @@ class MoETransformerModel(TransformerModel):
     def hub_models(cls):
         return {}
 
+    def set_num_updates(self, num_updates):
+        """fairseq calls this before every training forward; the MoE criteria read
+        ``num_updates`` to schedule their routing checks."""
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
     @classmethod
     def add_args(cls, parser):
         super().add_args(parser)

@@ -29,6 +29,15 @@ MoERecord = dict[str, object]
 - ``routed_tokens`` (scalar long): non-padding tokens routed
 - ``entropy`` (scalar float): mean routing entropy over routed tokens (nats)
 - ``k`` (int): experts per token
+- ``expert_index`` (N x k, long): each routed token's experts, best first (detached)
+- ``expert_weight`` (N x k, float): their combine weights, 0 where dropped (detached)
+- ``token_entropy`` (N, float): each routed token's routing entropy (nats)
+- ``token_index`` (N, long) or None: where the routed tokens are in the layer input flattened
+  over its leading dims (e.g. ``t * B + b`` for a T x B x C input); None when no padding mask
+  was given (then token i is flat position i)
+- ``input_shape`` (tuple): the layer input's leading shape (e.g. ``(T, B)``)
+
+The per-token entries (N = non-padding tokens) are what ``scripts/expert_usage.py`` reads.
 """
 
 
@@ -88,15 +97,22 @@ class MoELayer(nn.Module):
             y = y_tokens.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
         else:
             y = y_tokens
-        return y.view(shape), self._record(gate_out, plan)
+        return y.view(shape), self._record(gate_out, plan, token_index, tuple(shape[:-1]))
 
-    def _record(self, gate_out: GateOutput, plan: DispatchPlan) -> MoERecord:
+    def _record(
+        self,
+        gate_out: GateOutput,
+        plan: DispatchPlan,
+        token_index: torch.Tensor | None,
+        input_shape: tuple,
+    ) -> MoERecord:
         num_tokens, k = gate_out.expert_index.shape
         index = gate_out.expert_index.detach()
         routed = torch.bincount(index.reshape(-1), minlength=self.num_experts)
         kept = torch.tensor(plan.tokens_per_expert, device=index.device)
         with torch.no_grad():
-            entropy = routing_entropy(gate_out.probs).mean() if num_tokens else index.new_zeros(())
+            token_entropy = routing_entropy(gate_out.probs.detach())  # N
+            entropy = token_entropy.mean() if num_tokens else token_entropy.new_zeros(())
         return {
             "layer": self.name,
             "balance_loss": gate_out.balance_loss,
@@ -108,6 +124,11 @@ class MoELayer(nn.Module):
             "routed_tokens": torch.tensor(num_tokens, device=index.device),
             "entropy": entropy.float(),
             "k": k,
+            "expert_index": index,
+            "expert_weight": gate_out.expert_weight.detach(),
+            "token_entropy": token_entropy,
+            "token_index": token_index,
+            "input_shape": input_shape,
         }
 
     def extra_repr(self) -> str:
