@@ -1,1 +1,1 @@
-from . import moe_transformer  # noqa: F401  (registers moe_transformer and its presets)
+from . import moe_roberta, moe_transformer  # noqa: F401  (registers the models and presets)

@@ -12,6 +12,7 @@ from fairseq.utils import get_available_activation_fns
 logger = logging.getLogger(__name__)
 
 ACTIVATION_CHOICES = ChoiceEnum(get_available_activation_fns())
+UPCYCLE_ROUTER_CHOICES = ChoiceEnum(["random", "zero"])
 
 
 @dataclass
@@ -67,6 +68,29 @@ class MoEConfig(FairseqDataclass):
             "Reuse saves page-faulting E x d_ff x d_model of new memory per MoE layer and update "
             "(the README's performance section measures it) but keeps those buffers allocated "
             "between updates; no effect on GPU"
+        },
+    )
+    moe_init_from_dense: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "sparse upcycling (Komatsuzaki et al. 2023): initialise from this dense "
+            "fairseq checkpoint (a transformer, its encoder, or a roberta): every non-FFN weight "
+            "copied, each MoE layer's experts copied from the dense FFN. Use with "
+            "--moe-normalize-top-k, so that the experts' combine weights sum to 1"
+        },
+    )
+    moe_upcycle_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "with --moe-init-from-dense: add Gaussian noise of this many standard "
+            "deviations of each dense weight to every expert copy, so experts can diverge"
+        },
+    )
+    moe_upcycle_router_init: UPCYCLE_ROUTER_CHOICES = field(
+        default="random",
+        metadata={
+            "help": "with --moe-init-from-dense: start the router at zero, or keep its usual "
+            "random init"
         },
     )
     encoder_moe_freq: int = field(
@@ -138,11 +162,19 @@ def validate_moe_args(args: Namespace) -> None:
             "decoder layers; set --decoder-moe-freq 0 or drop --scale-fc"
         )
     for side in ("encoder", "decoder"):
-        freq, layers = getattr(args, f"{side}_moe_freq"), getattr(args, f"{side}_layers")
-        if freq > layers:
+        freq, layers = getattr(args, f"{side}_moe_freq"), getattr(args, f"{side}_layers", None)
+        if layers is not None and freq > layers:  # encoder-only models have no decoder
             logger.warning(
                 f"--{side}-moe-freq {freq} > --{side}-layers {layers}: the {side} has no MoE layer"
             )
+    if args.moe_upcycle_noise < 0:
+        fail(f"--moe-upcycle-noise must be >= 0, got {args.moe_upcycle_noise}")
+    if args.moe_init_from_dense and not args.moe_normalize_top_k:
+        logger.warning(
+            "--moe-init-from-dense without --moe-normalize-top-k: the experts' outputs are "
+            "weighted by raw router probabilities (about 1/E at first), so the upcycled model "
+            "does not start from what the dense model computes"
+        )
     if k == 1 and args.moe_normalize_top_k:
         logger.warning(
             "--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "

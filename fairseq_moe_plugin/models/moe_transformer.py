@@ -40,6 +40,7 @@ from .moe_config import (
     moe_config_from_namespace,
     validate_moe_args,
 )
+from .upcycle import maybe_upcycle
 
 
 def _collect_records(layers) -> list[dict]:
@@ -165,19 +166,22 @@ class MoETransformerDecoder(TransformerDecoderBase):
         return x, extra
 
 
+class NumUpdatesMixin:
+    """Keeps ``num_updates``, which fairseq sets before every training forward; the MoE criteria
+    read it to schedule their routing checks."""
+
+    def set_num_updates(self, num_updates):
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+
 @register_model("moe_transformer")
-class MoETransformerModel(TransformerModel):
+class MoETransformerModel(NumUpdatesMixin, TransformerModel):
     """fairseq's ``transformer`` with sparse MoE FFNs (options: ``MoEConfig``)."""
 
     @classmethod
     def hub_models(cls):
         return {}
-
-    def set_num_updates(self, num_updates):
-        """fairseq calls this before every training forward; the MoE criteria read
-        ``num_updates`` to schedule their routing checks."""
-        super().set_num_updates(num_updates)
-        self.num_updates = num_updates
 
     @classmethod
     def add_args(cls, parser):
@@ -190,7 +194,9 @@ class MoETransformerModel(TransformerModel):
     def build_model(cls, args, task):
         moe_base_architecture(args)
         validate_moe_args(args)
-        return super().build_model(args, task)
+        model = super().build_model(args, task)
+        maybe_upcycle(model, args)
+        return model
 
     @classmethod
     def build_encoder(cls, args, src_dict, embed_tokens):

@@ -1,0 +1,92 @@
+"""moe_roberta: the encoder classifier's routing records, presets, classification heads, and
+sparse upcycling from a dense RoBERTa."""
+
+import pytest
+import torch
+from conftest import PLUGIN_DIR, save_trainer_style_checkpoint
+from fairseq.data import Dictionary
+
+from fairseq_moe_plugin.models.moe_roberta import MoERobertaModel
+
+
+class _Task:
+    """What RoBERTa's build_model needs from a task."""
+
+    def __init__(self):
+        self.source_dictionary = Dictionary()
+        for i in range(40):
+            self.source_dictionary.add_symbol(f"w{i}")
+
+    def max_positions(self):
+        return 64
+
+
+def _args(*extra, arch="moe_roberta_tiny"):
+    from fairseq import options
+
+    parser = options.get_training_parser()
+    argv = ["/unused", "--user-dir", str(PLUGIN_DIR), "--task", "sentence_prediction",
+            "--criterion", "sentence_prediction",
+            "--arch", arch, "--num-classes", "3", "--dropout", "0", "--attention-dropout", "0",
+            "--max-positions", "64", *map(str, extra)]  # fmt: skip
+    return options.parse_args_and_arch(parser, input_args=argv)
+
+
+def _tokens():
+    torch.manual_seed(0)
+    tokens = torch.randint(4, 44, (3, 9))
+    tokens[:, 0] = 0  # <s>
+    tokens[0, 6:] = 1  # padding (RoBERTa pads on the right)
+    return tokens
+
+
+def test_tiny_preset_routes_and_classifies():
+    task = _Task()
+    model = MoERobertaModel.build_model(_args(), task).eval()
+    model.register_classification_head("sentence_classification_head", num_classes=3)
+    with torch.no_grad():
+        logits, extra = model(_tokens(), classification_head_name="sentence_classification_head")
+    assert logits.shape == (3, 3)
+    (record,) = extra["moe_records"]  # layer 1 of 2 is MoE
+    assert record["layer"] == "encoder.layers.1"
+    assert int(record["routed_tokens"]) == 3 * 9 - 3  # padding is not routed
+    assert record["expert_counts_routed"].numel() == 4
+    experts = model.encoder.sentence_encoder.layers[1].moe.experts
+    assert float(experts.fc1_weight.std()) == pytest.approx(0.02, rel=0.1)  # BERT init
+
+
+@pytest.mark.parametrize("preset,layers,dim", [("moe_roberta_base", 12, 768),
+                                               ("moe_roberta_large", 24, 1024)])  # fmt: skip
+def test_base_and_large_presets_have_roberta_sizes(preset, layers, dim):
+    args = _args(arch=preset)
+    from fairseq_moe_plugin.models.moe_roberta import moe_roberta_base, moe_roberta_large
+
+    (moe_roberta_base if preset.endswith("base") else moe_roberta_large)(args)
+    assert (args.encoder_layers, args.encoder_embed_dim) == (layers, dim)
+    assert args.moe_expert_count == 8 and args.encoder_moe_freq == 2
+
+
+def test_upcycled_from_dense_roberta_computes_what_it_computed(tmp_path):
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.models.roberta import RobertaModel
+
+    task = _Task()
+    dense_args = _args("--encoder-layers", 2, "--encoder-embed-dim", 64, "--encoder-ffn-embed-dim",
+                       128, "--encoder-attention-heads", 2, arch="roberta")  # fmt: skip
+    torch.manual_seed(1)
+    dense = RobertaModel.build_model(dense_args, task).eval()
+    path = tmp_path / "roberta.pt"
+    save_trainer_style_checkpoint(dense, convert_namespace_to_omegaconf(dense_args), path)
+    args = _args("--moe-init-from-dense", path, "--moe-top-k", 1, "--moe-normalize-top-k",
+                 "--encoder-moe-freq", 1)  # fmt: skip
+    model = MoERobertaModel.build_model(args, task).eval()
+    tokens = _tokens()
+    with torch.no_grad():
+        expected, _ = dense(tokens, features_only=True)
+        got, extra = model(tokens, features_only=True)
+        lm_expected, _ = dense(tokens)
+        lm_got, _ = model(tokens)
+    assert len(extra["moe_records"]) == 2
+    real = tokens.ne(1)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lm_got[real], lm_expected[real], rtol=1e-5, atol=1e-5)

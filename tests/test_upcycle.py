@@ -1,0 +1,98 @@
+"""Sparse upcycling (--moe-init-from-dense): an upcycled top-1 model computes what the dense
+model computed; noise, router init, errors, and a saved upcycled model loads without the
+dense checkpoint."""
+
+import pytest
+import torch
+from conftest import build_model_and_task, save_trainer_style_checkpoint, tiny_args, toy_batch
+
+from fairseq_moe_plugin.models.upcycle import load_dense_state, upcycle
+
+FFN = ["--encoder-ffn-embed-dim", 128, "--decoder-ffn-embed-dim", 128]
+MOE_ALL = ["--encoder-moe-freq", 1, "--decoder-moe-freq", 1]
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(toy_data, tmp_path_factory):
+    torch.manual_seed(3)
+    model, _, cfg = build_model_and_task(tiny_args(toy_data["bin"], *FFN, arch="transformer_tiny"))
+    path = tmp_path_factory.mktemp("dense") / "dense.pt"
+    save_trainer_style_checkpoint(model, cfg, path)
+    return path, model
+
+
+def _upcycled(toy_data, path, *extra):
+    return build_model_and_task(
+        tiny_args(toy_data["bin"], *MOE_ALL, "--moe-init-from-dense", path, *extra)
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_upcycled_model_computes_what_the_dense_model_computed(toy_data, dense_checkpoint, k):
+    path, dense = dense_checkpoint
+    model, task, cfg = _upcycled(toy_data, path, "--moe-top-k", k, "--moe-normalize-top-k")
+    sample = toy_batch(task, n=8)
+    dense.eval(), model.eval()
+    with torch.no_grad():
+        expected, _ = dense(**sample["net_input"])
+        got, extra = model(**sample["net_input"])
+    assert len(extra["moe_records"]) == 4  # every FFN is an MoE layer
+    # Padding positions differ by design (the MoE layer gives them a zero FFN output; they are
+    # masked everywhere downstream); every real position is the dense model's, to float rounding.
+    real = sample["net_input"]["prev_output_tokens"].ne(task.target_dictionary.pad())
+    assert (~real).any()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    # The flag is cleared in the saved config; the provenance is kept.
+    assert cfg.model.moe_init_from_dense is None
+    assert cfg.model.moe_upcycled_from == str(path)
+
+
+def test_noise_makes_experts_differ_and_router_can_start_at_zero(toy_data, dense_checkpoint):
+    path, dense = dense_checkpoint
+    model, *_ = _upcycled(toy_data, path, "--moe-upcycle-noise", 0.01,
+                          "--moe-upcycle-router-init", "zero")  # fmt: skip
+    experts = model.encoder.layers[0].moe.experts
+    fc1 = dense.encoder.layers[0].fc1.weight
+    assert not torch.equal(experts.fc1_weight[0], experts.fc1_weight[1])
+    spread = (experts.fc1_weight - fc1).std() / fc1.std()
+    assert 0.005 < float(spread) < 0.02  # noise of 0.01 standard deviations
+    assert torch.equal(experts.fc1_bias[3], dense.encoder.layers[0].fc1.bias)  # biases exact
+    assert not model.encoder.layers[0].moe.gate.wg.weight.any()
+    # Non-FFN weights are copied exactly.
+    torch.testing.assert_close(model.encoder.embed_tokens.weight, dense.encoder.embed_tokens.weight,
+                               rtol=0, atol=0)  # fmt: skip
+
+
+def test_saved_upcycled_model_loads_without_the_dense_checkpoint(toy_data, dense_checkpoint,
+                                                                 tmp_path):  # fmt: skip
+    from fairseq import checkpoint_utils
+
+    src, _ = dense_checkpoint
+    copy = tmp_path / "dense_copy.pt"
+    copy.write_bytes(src.read_bytes())
+    model, _, cfg = _upcycled(toy_data, copy, "--moe-normalize-top-k")
+    saved = tmp_path / "moe.pt"
+    save_trainer_style_checkpoint(model, cfg, saved)
+    copy.unlink()
+    models, loaded_cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(saved)])
+    assert loaded_cfg.model.moe_upcycled_from == str(copy)
+    for (name, a), (_, b) in zip(model.state_dict().items(), models[0].state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(a, b), name
+
+
+def test_mismatched_sizes_and_missing_checkpoint_are_named(toy_data, dense_checkpoint, tmp_path):
+    path, _ = dense_checkpoint
+    with pytest.raises(
+        ValueError, match=r"fc1.weight has shape \(128, 64\) but .*needs \(256, 64\)"
+    ):
+        _upcycled(toy_data, path, "--encoder-ffn-embed-dim", 256)
+    with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
+        _upcycled(toy_data, tmp_path / "nope.pt")
+    model, *_ = build_model_and_task(tiny_args(toy_data["bin"], *MOE_ALL))
+    dense = load_dense_state(path)
+    del dense["encoder.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match="has no weight for encoder.layers.0.self_attn.k_proj"):
+        upcycle(model, dense)
+    with pytest.raises(ValueError, match="--moe-upcycle-noise"):
+        _upcycled(toy_data, path, "--moe-upcycle-noise", -1)
