@@ -3,41 +3,12 @@ sparse upcycling from a dense RoBERTa."""
 
 import pytest
 import torch
-from conftest import PLUGIN_DIR, save_trainer_style_checkpoint
-from fairseq.data import Dictionary
+from conftest import save_trainer_style_checkpoint
+from roberta_helpers import FakeTask as _Task
+from roberta_helpers import roberta_args as _args
+from roberta_helpers import tokens as _tokens
 
 from fairseq_moe_plugin.models.moe_roberta import MoERobertaModel
-
-
-class _Task:
-    """What RoBERTa's build_model needs from a task."""
-
-    def __init__(self):
-        self.source_dictionary = Dictionary()
-        for i in range(40):
-            self.source_dictionary.add_symbol(f"w{i}")
-
-    def max_positions(self):
-        return 64
-
-
-def _args(*extra, arch="moe_roberta_tiny"):
-    from fairseq import options
-
-    parser = options.get_training_parser()
-    argv = ["/unused", "--user-dir", str(PLUGIN_DIR), "--task", "sentence_prediction",
-            "--criterion", "sentence_prediction",
-            "--arch", arch, "--num-classes", "3", "--dropout", "0", "--attention-dropout", "0",
-            "--max-positions", "64", *map(str, extra)]  # fmt: skip
-    return options.parse_args_and_arch(parser, input_args=argv)
-
-
-def _tokens():
-    torch.manual_seed(0)
-    tokens = torch.randint(4, 44, (3, 9))
-    tokens[:, 0] = 0  # <s>
-    tokens[0, 6:] = 1  # padding (RoBERTa pads on the right)
-    return tokens
 
 
 def test_tiny_preset_routes_and_classifies():
