@@ -61,3 +61,51 @@ def write_simple(root: Path, task: str, header: str, rows: dict[str, list[str]])
         text = ([header] if header else []) + lines
         (d / f"{split}.tsv").write_text("\n".join(text) + "\n")
     return d
+
+
+def separable_sentences(n: int, seed: int) -> list[tuple[str, str]]:
+    """(sentence, label): label 1 iff the sentence holds a positive cue word; filler words are
+    shared, so only the cue separates the classes."""
+    import random
+
+    rng = random.Random(seed)
+    filler = [f"word{i}" for i in range(30)]
+    cues = {"1": ["good", "great", "fine"], "0": ["bad", "awful", "poor"]}
+    rows = []
+    for _ in range(n):
+        label = rng.choice("01")
+        words = rng.sample(filler, rng.randint(3, 8))
+        words.insert(rng.randint(0, len(words)), rng.choice(cues[label]))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_sst2(root: Path, n_train=400, n_dev=60, n_test=40) -> Path:
+    train, dev, test = (separable_sentences(n, seed) for n, seed in
+                        ((n_train, 1), (n_dev, 2), (n_test, 3)))  # fmt: skip
+    return write_simple(root, "SST-2", None, {
+        "train": ["sentence\tlabel"] + [f"{s}\t{lab}" for s, lab in train],
+        "dev": ["sentence\tlabel"] + [f"{s}\t{lab}" for s, lab in dev],
+        "test": ["index\tsentence"] + [f"{i}\t{s}" for i, (s, _) in enumerate(test)],
+    })  # fmt: skip
+
+
+def write_separable_mnli(root: Path, n_train=300, n_dev=45) -> Path:
+    """MNLI with the label carried by a cue word in the hypothesis."""
+    import random
+
+    rng = random.Random(7)
+    cue = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            label = rng.choice(sorted(cue))
+            premise = " ".join(f"word{rng.randint(0, 29)}" for _ in range(5))
+            hypothesis = f"word{rng.randint(0, 29)} {cue[label]} word{rng.randint(0, 29)}"
+            out.append((premise, hypothesis, label))
+        return out
+
+    return write_mnli(root, {"train": rows(n_train), "dev_matched": rows(n_dev),
+                             "dev_mismatched": rows(n_dev), "test_matched": rows(20),
+                             "test_mismatched": rows(20)})  # fmt: skip

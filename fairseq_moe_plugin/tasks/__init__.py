@@ -1,1 +1,1 @@
-# Tasks (GLUE/MNLI) register here; translation uses fairseq's own tasks.
+from . import glue  # noqa: F401  (registers the moe_glue task)
