@@ -190,3 +190,32 @@ def test_stsb_regression_trains_and_reports_pearson_and_spearman(tmp_path):
     assert metrics["spearman"] == pytest.approx(spearmanr(pred, gold)[0], abs=1e-5)
     assert metrics["pearson"] > 0.8, metrics
     assert len((out / "STS-B.tsv").read_text().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_mrpc_and_cola_validation_log_f1_and_mcc(tmp_path):
+    import random
+
+    rng = random.Random(9)
+
+    def pair_rows(n):
+        rows = []
+        for i in range(n):
+            label = rng.choice("01")
+            cue = "same" if label == "1" else "other"
+            rows.append(f"{label}\t{i}\t{i + 1}\tword{rng.randint(0, 9)} word{rng.randint(0, 9)}\t"
+                        f"{cue} word{rng.randint(0, 9)}")  # fmt: skip
+        return rows
+
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    mrpc = write_simple(tmp_path, "MRPC", header, {"train": pair_rows(200), "dev": pair_rows(30)})
+    log = run_cli([BIN / "fairseq-train", mrpc, *TRAIN, "--max-update", 40, "--save-dir",
+                   tmp_path / "ck1", "--no-save"], cwd=tmp_path)  # fmt: skip
+    assert re.search(r"\| valid \|.*\| f1 [\d.]+", log), log[-2000:]
+    from glue_fixtures import separable_sentences, write_cola
+
+    cola = write_cola(tmp_path, {"train": separable_sentences(200, 1),
+                                 "dev": separable_sentences(30, 2)})  # fmt: skip
+    log = run_cli([BIN / "fairseq-train", cola, *TRAIN, "--max-update", 40, "--save-dir",
+                   tmp_path / "ck2", "--no-save"], cwd=tmp_path)  # fmt: skip
+    assert re.search(r"\| valid \|.*\| mcc [-\d.]+", log), log[-2000:]

@@ -61,3 +61,34 @@ def test_upcycled_from_dense_roberta_computes_what_it_computed(tmp_path):
     real = tokens.ne(1)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lm_got[real], lm_expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_upcycled_from_a_translation_encoder(toy_data):
+    """The encoder of a dense ``transformer`` (built with RoBERTa's embedding choices) becomes
+    moe_roberta's encoder; its features are the dense encoder's at every real position."""
+    from conftest import build_model_and_task, tiny_args, toy_batch
+
+    from fairseq_moe_plugin.models.upcycle import upcycle
+
+    torch.manual_seed(3)
+    dense, task, _ = build_model_and_task(
+        tiny_args(toy_data["bin"], "--encoder-ffn-embed-dim", 128, "--decoder-ffn-embed-dim",
+                  128, "--encoder-learned-pos", "--layernorm-embedding", "--no-scale-embedding",
+                  "--max-source-positions", 64, "--activation-fn", "gelu", arch="transformer_tiny")
+    )  # fmt: skip
+    fake = _Task()
+    fake.source_dictionary = task.source_dictionary
+    model = MoERobertaModel.build_model(
+        _args("--encoder-moe-freq", 1, "--moe-top-k", 1, "--moe-normalize-top-k"), fake
+    )
+    report = upcycle(model, dense.state_dict(), source="transformer")
+    assert report["experts"] == 8 and "encoder.lm_head.dense.weight" in report["new"]
+    assert any(k.startswith("decoder.") for k in report["unused"])
+    dense.eval(), model.eval()
+    sample = toy_batch(task, n=6)
+    src = sample["net_input"]["src_tokens"]
+    with torch.no_grad():
+        expected = dense.encoder(src, sample["net_input"]["src_lengths"])["encoder_out"][0]
+        got, _ = model(src, features_only=True)
+    real = src.ne(1)
+    torch.testing.assert_close(got[real], expected.transpose(0, 1)[real], rtol=1e-5, atol=1e-5)
