@@ -46,6 +46,11 @@ def test_cache_is_built_once_and_rebuilt_when_a_file_changes(tmp_path):
     assert json.loads((changed.cache / "done.json").read_text())["splits"]["dev"] == 11
     assert len(changed.load_dataset("valid")) == 11  # fairseq's default valid subset = dev
     assert changed.row_ids("test") == ["0", "1", "2", "3", "4"]
+    # An interrupted build (no done.json) is built again, not read.
+    (changed.cache / "done.json").unlink()
+    (changed.cache / "input0" / "dict.txt").unlink()
+    rebuilt, _ = _setup(data)
+    assert rebuilt.cache == changed.cache and (rebuilt.cache / "input0" / "dict.txt").is_file()
 
 
 def test_bad_directories_and_flags_are_named(tmp_path):

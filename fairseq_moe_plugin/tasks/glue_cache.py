@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -47,9 +48,12 @@ def build_cache(task_dir, task: GlueTask, cache_root, spm_model=None, vocab_size
     out = Path(cache_root) / cache_key(task_dir, task, splits, spm_model, vocab_size)
     if (out / "done.json").is_file():
         return out
+    shutil.rmtree(out, ignore_errors=True)  # a build that was interrupted before done.json
     examples = {split: read_split(task_dir, task, split) for split in splits}
     check_label_sets(task, examples)
-    tmp = out.with_name(out.name + ".tmp")
+    # Built under a per-process name and renamed into place: several workers of one training
+    # run may build it at once, and a half-written cache is never read.
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model_path = _sentencepiece(examples["train"], tmp, spm_model, vocab_size)
@@ -58,8 +62,12 @@ def build_cache(task_dir, task: GlueTask, cache_root, spm_model=None, vocab_size
         "task": task.name, "source": str(task_dir), "splits": {s: len(e) for s, e in examples.items()},
         "spm_model": str(spm_model or "trained on train.tsv"), "vocab_size": vocab_size,
     }, indent=1))  # fmt: skip
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another worker finished first
+        if not (out / "done.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info(f"binarised {task.name} from {task_dir} into {out}")
     return out
 
