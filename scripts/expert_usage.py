@@ -95,14 +95,18 @@ def _positions(tokens, pad):
 def records_to_rows(records, src_tokens, dec_tokens, pad, layer_ids) -> dict[str, np.ndarray]:
     """Token rows (one per routed token and layer) from a forward's routing records."""
     rows = {key: [] for key in ("layer", "b", "position", "token", "experts", "weights", "entropy")}
+    positions_of = {"encoder": _positions(src_tokens, pad), "decoder": _positions(dec_tokens, pad)}
     for record in records:
-        side_tokens = src_tokens if record["layer"].startswith("encoder") else dec_tokens
+        side = "encoder" if record["layer"].startswith("encoder") else "decoder"
+        side_tokens, positions = (
+            (src_tokens if side == "encoder" else dec_tokens),
+            positions_of[side],
+        )
         T, B = record["input_shape"]  # time-major
         flat = record["token_index"]
         if flat is None:
             flat = torch.arange(T * B)
         t, b = flat // B, flat % B
-        positions = _positions(side_tokens, pad)
         rows["layer"].append(np.full(len(flat), layer_ids[record["layer"]]))
         rows["b"].append(b.numpy())
         rows["position"].append(positions[b, t].numpy())

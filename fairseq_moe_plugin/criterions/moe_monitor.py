@@ -130,9 +130,11 @@ def _is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def _summed_over_workers(counts: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+def _counts_as_lists(counts: dict[str, torch.Tensor], reduce: bool) -> dict[str, list[float]]:
+    """Per-layer counts as lists, summed over the workers first when ``reduce`` and running
+    distributed."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and counts:
+    if reduce and dist.is_available() and dist.is_initialized() and counts:
         names = sorted(counts)
         flat = torch.cat([counts[n].double() for n in names])
         dist.all_reduce(flat)
@@ -223,10 +225,7 @@ class RoutingMonitor:
     def _check(
         self, counts: dict[str, torch.Tensor], where: str, reduce: bool
     ) -> list[LayerHealth]:
-        if reduce:
-            summed = _summed_over_workers(counts)
-        else:
-            summed = {n: c.double().tolist() for n, c in counts.items()}
+        summed = _counts_as_lists(counts, reduce)
         verdicts = [layer_health(layer, c, self.thresholds) for layer, c in summed.items()]
         for health in verdicts:
             for line in health_messages(health, where, self.thresholds):
