@@ -1,6 +1,7 @@
 # fairseq-moe: set-up, tests and the main job. Every target that needs Python depends on
 # `install`, which is idempotent: it rebuilds .venv only when a requirements file or setup.py
-# changed since the last successful install.
+# changed since the last successful install. setup.py declares the plugin's dependencies and its
+# console commands (fairseq-moe-usage, ...); requirements/fairseq-runtime.txt those of fairseq.
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -16,7 +17,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): setup.py requirements/fairseq-runtime.txt requirements/plugin.txt Makefile
+$(STAMP): setup.py requirements/fairseq-runtime.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	@# torch: keep whatever torch the environment already has (a GPU build, say); else the CPU 2.13.0.
 	@if $(PY) -c "import torch" 2>/dev/null; then \
@@ -28,8 +29,9 @@ $(STAMP): setup.py requirements/fairseq-runtime.txt requirements/plugin.txt Make
 	@if $(PY) -c "import fairseq" 2>/dev/null; then echo "install: fairseq already importable"; \
 	else echo "install: building $(FAIRSEQ_DIST) (about 5 minutes the first time)"; \
 	    $(PIP) install --no-deps --no-build-isolation "$(FAIRSEQ_DIST)"; fi
-	$(PIP) install -c $(VENV)/torch-constraint.txt -r requirements/plugin.txt
-	$(PIP) install --no-deps --no-build-isolation -e .
+	@# The plugin with its dependencies (setup.py) and the dev and examples extras; the constraint
+	@# keeps the torch above (none of them pulls torch).
+	$(PIP) install -c $(VENV)/torch-constraint.txt --no-build-isolation -e ".[dev,examples]"
 	@$(PY) -c "import torch, fairseq, fairseq_moe_plugin; print('install: ok, torch', torch.__version__, 'fairseq', fairseq.__version__)"
 	@touch $(STAMP)
 
@@ -50,7 +52,7 @@ demo: install
 # MoE vs dense (same data, same training wall clock); COMPARE_ARGS adds flags.
 COMPARE_ARGS ?=
 compare: install
-	$(PY) scripts/compare_dense_moe.py $(COMPARE_ARGS)
+	$(PY) examples/translation/compare_dense_moe.py $(COMPARE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

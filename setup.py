@@ -1,4 +1,5 @@
-"""fairseq-moe: a fairseq plugin (``--user-dir``) for sparse Mixture-of-Experts models."""
+"""fairseq-moe: a fairseq plugin (``--user-dir``) for sparse Mixture-of-Experts models, and its
+command-line tools (``fairseq_moe_cli``)."""
 
 from setuptools import find_packages, setup
 
@@ -8,9 +9,37 @@ setup(
     description="Sparse Mixture-of-Experts transformers for fairseq (--user-dir plugin)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["fairseq_moe_plugin", "fairseq_moe_plugin.*"]),
+    packages=find_packages(
+        include=["fairseq_moe_plugin", "fairseq_moe_plugin.*", "fairseq_moe_cli"]
+    ),
     python_requires=">=3.10",
     # torch and fairseq are deliberately not listed: see the Makefile (the fairseq distribution
-    # must be installed with --no-deps, and an existing torch build must be kept).
-    install_requires=[],
+    # must be installed with --no-deps, and an existing torch build must be kept). None of the
+    # packages below pulls torch.
+    install_requires=[
+        "numpy",
+        "sentencepiece",  # tasks/glue_cache.py
+        "scipy",  # analysis (Jensen-Shannon), eval_glue (Pearson, Spearman)
+        "scikit-learn",  # eval_glue (accuracy, F1, MCC)
+        "sacrebleu>=2.0",  # score_bleu
+        "matplotlib",  # analysis/routing_plots.py
+        "fvcore",  # analysis/flops.py
+        "tensorboard",  # analysis/training_log.py reads --tensorboard-logdir
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "ruff"],
+        # examples/translation: build_gettext_corpus.py reads gettext catalogues with polib.
+        "examples": ["polib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fairseq-moe-bleu = fairseq_moe_cli.score_bleu:main",
+            "fairseq-moe-glue-eval = fairseq_moe_cli.eval_glue:main",
+            "fairseq-moe-usage = fairseq_moe_cli.expert_usage:main",
+            "fairseq-moe-flops = fairseq_moe_cli.flops:main",
+            "fairseq-moe-benchmark-generate = fairseq_moe_cli.benchmark_generate:main",
+            "fairseq-moe-benchmark-layer = fairseq_moe_cli.benchmark_moe_layer:main",
+            "fairseq-moe-flags = fairseq_moe_cli.flags_table:main",
+        ]
+    },
 )

@@ -12,7 +12,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "fairseq_moe_plugin"
 BIN = Path(sys.executable).parent  # the venv's console scripts (fairseq-train, ...)
-sys.path.insert(0, str(REPO / "scripts"))
 
 import fairseq_moe_plugin  # noqa: E402,F401  (registers models/criteria before fairseq parses)
 
@@ -40,8 +39,8 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
-    """A toy src->tgt corpus (scripts/make_toy_corpus.py) and its fairseq binarisation."""
-    from make_toy_corpus import write_corpus
+    """A toy src->tgt corpus (tests/toy_corpus.py) and its fairseq binarisation."""
+    from toy_corpus import write_corpus
 
     root = tmp_path_factory.mktemp("toy")
     raw = root / "raw"

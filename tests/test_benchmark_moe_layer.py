@@ -1,6 +1,9 @@
-"""scripts/benchmark_moe_layer.py and its references (scripts/moe_layer_references.py): the
-references compute what the product layer computes, so the benchmark compares like with like;
-the memory measurement is exact on a known allocation pattern; the CLI writes its report."""
+"""fairseq-moe-benchmark-layer (fairseq_moe_cli/benchmark_moe_layer.py) and its references
+(fairseq_moe_cli/moe_layer_references.py): the references compute what the product layer
+computes, and the dense limit does the experts' matmul FLOPs, so the benchmark compares like with
+like; the einsum memory estimate is a lower bound of the measured peak, and the memory
+measurement is exact on a known allocation pattern; the targets apply where their setting
+matches; the CLI writes its report."""
 
 from __future__ import annotations
 
@@ -8,9 +11,18 @@ import json
 
 import pytest
 import torch
-from benchmark_moe_layer import main, peak_bytes, summarise, target_checks
-from moe_layer_references import DenseFFN, EinsumMoE, NaiveLoopMoE, einsum_peak_bytes_estimate
 from test_moe_layer import D_MODEL, make_layer, param_grads
+from torch.utils.flop_counter import FlopCounterMode
+
+from fairseq_moe_cli.benchmark_moe_layer import main
+from fairseq_moe_cli.measure import peak_bytes
+from fairseq_moe_cli.moe_layer_references import (
+    DenseFFN,
+    EinsumMoE,
+    NaiveLoopMoE,
+    einsum_peak_bytes_estimate,
+)
+from fairseq_moe_cli.moe_layer_report import summarise, target_checks
 
 
 def _run(module, x, cotangent, product: bool):
@@ -68,16 +80,45 @@ def test_einsum_capacity_keeps_first_choices_in_token_order():
     assert (dispatch.sum(dim=(0, 2)) <= 4).all()
 
 
-def test_dense_limit_has_the_active_flops():
-    dense = DenseFFN(16, 2 * 32)  # k = 2 experts of d_ff 32
-    assert dense.fc1.weight.shape == (64, 16) and dense.fc2.weight.shape == (16, 64)
+def _matmul_flops(fn, backward: bool) -> int:
+    """The matmul FLOPs torch counts while ``fn()`` runs (and its output's backward)."""
+    with FlopCounterMode(display=False) as counter:
+        y = fn()
+        if backward:
+            y.backward(torch.ones_like(y))
+    return counter.get_total_flops()
 
 
-def test_einsum_estimate_grows_with_t_squared():
-    small = einsum_peak_bytes_estimate(1024, 8, 1, 1.0, 4)
-    assert small == 1024 * 8 * 128 * 20
-    assert einsum_peak_bytes_estimate(2048, 8, 1, 1.0, 4) == 4 * small
-    assert einsum_peak_bytes_estimate(1024, 64, 1, 1.0, 4) == small  # T x E x C = k T^2 / cf
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("k", [1, 2])
+def test_dense_limit_does_the_matmul_flops_of_the_dropless_experts(k, backward):
+    layer = make_layer(4, k, capacity_factor=0.0, d_model=16, d_ff=32)  # E = 4, fp64
+    dense = DenseFFN(16, k * 32).double()  # hidden k * d_ff
+    x = torch.randn(64, 16, dtype=torch.float64, requires_grad=backward)  # T x C
+    moe = _matmul_flops(lambda: layer(x)[0], backward)
+    router = _matmul_flops(lambda: layer.gate(x).expert_weight, backward)
+    experts = moe - router  # grouped experts, hand-written backward included
+    assert experts == _matmul_flops(lambda: dense(x), backward) > 0
+    assert experts == 2 * 64 * k * 2 * 16 * 32 * (3 if backward else 1)  # T k (C F + F C) MACs
+
+
+@pytest.mark.parametrize("tokens, experts, k, factor", [(512, 4, 1, 1.0), (768, 4, 2, 0.5)])
+def test_einsum_estimate_is_a_close_lower_bound_of_the_measured_peak(tokens, experts, k, factor):
+    layer = make_layer(experts, k, capacity_factor=0.0, d_model=8, d_ff=8, dtype=torch.float32)
+    ref = EinsumMoE(layer, capacity_factor=factor)
+    x = torch.randn(tokens, 8, requires_grad=True)  # T x C
+    cotangent = torch.randn(tokens, 8)
+
+    def step():  # the benchmark's fwd+bwd
+        ref(x).backward(cotangent)
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+
+    step()  # the allocator's first touch is not the step's memory
+    measured = peak_bytes(step, "cpu")
+    estimate = einsum_peak_bytes_estimate(tokens, experts, k, factor, dtype_bytes=4)
+    assert estimate <= measured <= 1.5 * estimate, (estimate, measured)
 
 
 def test_peak_bytes_on_a_known_pattern():
@@ -158,6 +199,23 @@ def test_targets_are_checked_at_the_issue_sizes():
     assert "ok" not in info and info["value"] == pytest.approx(1.2)
     args.threads = 4  # the targets are defined at 2 threads only
     assert target_checks(summary, args) == []
+
+
+def test_targets_apply_by_their_declared_setting():
+    rows = [
+        {"device": "cpu", "tokens": 8192, "experts": e, "k": 2, "mode": "fwd+bwd", "impl": impl,
+         "median_s": s}
+        for e in (8, 64)
+        for impl, s in (("moe", 1.0), ("dense", 0.88))
+    ]  # fmt: skip
+    rows += [dict(r, tokens=32768) for r in rows[:2]]  # a T the targets are not defined at
+    args = type("Args", (), {"d_model": 512, "d_ff": 2048, "threads": 2})
+    checks = {c["check"]: c for c in target_checks(summarise(rows), args)}
+    assert not checks["E=8 k=2: throughput / dense >= 0.9"]["ok"]  # 0.88 < 0.9 below E = 64
+    assert checks["E=64 k=2: throughput / dense >= 0.85"]["ok"]  # 0.88 >= 0.85 from E = 64
+    assert len(checks) == 2  # nothing at T = 32768, no naive-loop check without that row
+    args.d_ff = 4096
+    assert target_checks(summarise(rows), args) == []
 
 
 @pytest.mark.parametrize(

@@ -78,4 +78,28 @@ def test_allow_list_holds_no_callable_that_runs_code():
     assert "argparse.Namespace" in names
     for bad in ("os.", "posix.", "subprocess.", "builtins.eval", "builtins.exec"):
         assert not any(n.startswith(bad) for n in names), names
-    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_importing_the_plugin_never_turns_weights_only_loading_off(tmp_path):
+    """Whatever importing the plugin does (allow-list, fairseq fixes), a crafted checkpoint is
+    still refused in a process that imported it, by torch.load and by fairseq's loader, and its
+    code never runs."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"args": None, "cfg": _RunsCode(marker), "model": {}}, path)
+    code = f"""
+import pickle, torch
+import fairseq_moe_plugin
+from fairseq import checkpoint_utils
+for load in (torch.load, checkpoint_utils.load_checkpoint_to_cpu):
+    try:
+        load({str(path)!r})
+    except pickle.UnpicklingError as err:
+        assert "system" in str(err), err
+    else:
+        raise SystemExit(f"{{load.__name__}} loaded a crafted checkpoint")
+print("refused twice")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "refused twice" in proc.stdout, proc.stderr[-2000:]
+    assert not marker.exists(), "loading the checkpoint ran code"

@@ -2,6 +2,7 @@
 scaling, logged metrics."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,13 @@ from fairseq import tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import metrics
 
-from fairseq_moe_plugin.criterions.moe_aux import load_summary, reduce_moe_metrics
+from fairseq_moe_plugin.criterions.moe_criterion import RouterLogitsError
+from fairseq_moe_plugin.criterions.moe_metrics import (
+    load_summary,
+    moe_logging_output,
+    reduce_moe_metrics,
+)
+from fairseq_moe_plugin.naming import count_key
 
 MOE = ["--encoder-moe-freq", 1, "--decoder-moe-freq", 1, "--moe-capacity-factor", 1.0]
 
@@ -79,19 +86,17 @@ def test_aux_loss_is_weighted_sum_over_layers_times_sample_size(toy_data):
         _, extra = model(**sample["net_input"])
     records = extra["moe_records"]
     assert len(records) == 4
-    aux = sum(w_b * r["balance_loss"] + w_z * r["z_loss"] for r in records)
+    aux = sum(w_b * r.balance_loss + w_z * r.z_loss for r in records)
     assert sample_size == sample["ntokens"]
     torch.testing.assert_close(loss, ce + aux * sample_size)
     torch.testing.assert_close(log["moe_aux_loss"], aux * sample_size)
-    mean_balance = sum(r["balance_loss"] for r in records) / 4
+    mean_balance = sum(r.balance_loss for r in records) / 4
     torch.testing.assert_close(log["moe_balance_loss"], mean_balance * sample_size)
-    n_routed = sum(int(r["routed_tokens"]) for r in records)
+    n_routed = sum(int(r.routed_tokens) for r in records)
     assert int(log["moe_routed_tokens"]) == n_routed
     assert int(log["moe_assignments"]) == 2 * n_routed  # tiny preset: top-2
     for r in records:
-        layer = "enc" if r["layer"].startswith("encoder") else "dec"
-        key = f"moe_count:{layer}{r['layer'].rsplit('.', 1)[1]}:0"
-        assert log[key] == r["expert_counts_routed"][0]  # the router's choices
+        assert log[count_key(r.layer, 0)] == r.expert_counts_routed[0]  # the router's choices
 
 
 def test_aux_loss_gradient_reaches_the_router(toy_data):
@@ -157,8 +162,7 @@ def test_per_layer_metrics_hand_computed(toy_data):
          "routed_tokens": torch.tensor(30), "k": 2,
          "entropy": torch.tensor(1.0), "expert_counts_routed": torch.tensor([15, 15, 15, 15])},
     ]  # fmt: skip
-    from fairseq_moe_plugin.criterions.moe_aux import moe_logging_output
-
+    records = [SimpleNamespace(**r) for r in records]  # what moe_logging_output reads of a record
     logs = [
         dict(moe_logging_output([r], torch.tensor(0.0), size), sample_size=size, ntokens=size,
              loss=0.0, nll_loss=0.0)
@@ -205,9 +209,9 @@ def test_gate_runs_in_fp32_in_a_half_precision_model(toy_data, dtype):
         x, extra = model(**sample["net_input"])
     assert x.dtype == dtype
     for record in extra["moe_records"]:
-        assert record["balance_loss"].dtype == torch.float32
-        assert record["z_loss"].dtype == torch.float32
-        assert math.isfinite(float(record["z_loss"]))
+        assert record.balance_loss.dtype == torch.float32
+        assert record.z_loss.dtype == torch.float32
+        assert math.isfinite(float(record.z_loss))
 
 
 def test_gate_runs_in_fp32_under_autocast(toy_data):
@@ -219,3 +223,21 @@ def test_gate_runs_in_fp32_under_autocast(toy_data):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**sample["net_input"])
     assert seen == [torch.float32]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_router_logits_stop_training_naming_layer_and_update(toy_data, bad):
+    criterion = _moe_criterion(toy_data, 0.01, 0.001)
+    model, task, _ = build_model_and_task(tiny_args(toy_data["bin"], *MOE))
+    sample = toy_batch(task, split="train", n=8)
+    model.train()
+    model.set_num_updates(41)
+    criterion(model, sample)  # finite: no error
+    with torch.no_grad():
+        model.decoder.layers[1].moe.gate.wg.weight[2, 0] = bad
+    with pytest.raises(RouterLogitsError, match=r"^MoE layer decoder\.layers\.1: router logits "
+                       r"contain NaN or inf at update 41;"):  # fmt: skip
+        criterion(model, sample)
+    model.eval()
+    with torch.no_grad(), pytest.raises(RouterLogitsError, match="at validation after update 41"):
+        criterion(model, sample)

@@ -3,13 +3,14 @@
 from dataclasses import fields
 
 from conftest import REPO
-from flags_table import DATACLASSES, markdown_table, split_section
+
+from fairseq_moe_cli.flags_table import DATACLASSES, markdown_table, split_section
 
 
 def test_readme_flags_table_is_generated_from_the_dataclasses():
     readme = REPO / "README.md"
     _, table, _ = split_section(readme.read_text(encoding="utf-8"), readme)
-    assert table.strip() == markdown_table().strip(), "run scripts/flags_table.py --write README.md"
+    assert table.strip() == markdown_table().strip(), "run fairseq-moe-flags --write README.md"
 
 
 def test_every_flag_has_help_and_a_moe_name():

@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import routing_plots as rp
 import sacrebleu
 from conftest import BIN, PLUGIN_DIR, REPO, run_cli
+
+from fairseq_moe_plugin.analysis import training_log
 
 pytestmark = pytest.mark.slow
 
@@ -118,8 +119,9 @@ def test_tensorboard_shows_moe_metrics(trained):
     tags = set(acc.Tags()["scalars"])
     assert {"moe_balance_loss", "moe_z_loss", "moe_enc1_cv", "moe_dropped_frac"} <= tags, tags
     assert {"moe_enc1_load_e0", "moe_dec1_load_e3", "moe_dec1_entropy"} <= tags, tags
-    # expert_usage.py draws the loads over updates from this tensorboard directory.
-    series = rp.training_series(rp.read_training_log(trained["work"] / "tb"))
+    # fairseq-moe-usage draws the loads over updates from this tensorboard directory.
+    records = training_log.read_training_log(trained["work"] / "tb").train_inner
+    series = training_log.training_series(records)
     assert len(series["loads"]["enc1"]) == 4 and len(series["updates"]) >= 8
     assert all(abs(sum(s[i] for s in series["loads"]["dec1"]) - 1) < 1e-3 for i in range(8))
 
@@ -215,7 +217,7 @@ def test_hub_interface_translates(trained, tmp_path):
 
 
 def test_expert_usage_on_the_trained_model_with_beam_search(trained):
-    import expert_usage
+    from fairseq_moe_cli import expert_usage
 
     out = trained["work"] / "usage"
     code = expert_usage.main([

@@ -1,18 +1,22 @@
-"""expert_usage.py and its analyses: the training-time loads equal the recorded ones, figures are
-written and their data matches the log, generation routing equals incremental decoding."""
+"""fairseq-moe-usage (fairseq_moe_cli/expert_usage.py) and its library
+(fairseq_moe_plugin/analysis/): the training-time loads equal the recorded ones, figures are
+written and their data matches the log, generation routing equals incremental decoding and
+follows the generation flags, training logs without train_inner records skip their figures."""
 
 import json
 import math
 
-import expert_usage
 import numpy as np
 import pytest
-import routing_analysis as ra
-import routing_plots as rp
 import torch
 from conftest import build_model_and_task, save_trainer_style_checkpoint, tiny_args
 
-from fairseq_moe_plugin.criterions.moe_aux import expert_load_metric, short_layer_name
+from fairseq_moe_cli import expert_usage
+from fairseq_moe_plugin import naming
+from fairseq_moe_plugin.analysis import routing_analysis as ra
+from fairseq_moe_plugin.analysis import routing_log, training_log
+from fairseq_moe_plugin.analysis import routing_plots as rp
+from fairseq_moe_plugin.analysis.report import training_figures
 
 MOE = ["--encoder-moe-freq", 1, "--decoder-moe-freq", 1, "--moe-capacity-factor", 1.0,
        "--criterion", "label_smoothed_cross_entropy_moe"]  # fmt: skip
@@ -39,9 +43,9 @@ def usage(checkpoint, tmp_path_factory):
 def test_criterion_loads_equal_recorded_loads_on_the_same_batch(checkpoint, toy_data):
     from fairseq.logging.metrics import aggregate
 
-    model, cfg, moe_layers = expert_usage.load_checkpoint(checkpoint)
-    pairs = expert_usage.pair_tasks(cfg)
-    log, _ = expert_usage.record_split(model, moe_layers, pairs, "valid", 100000, 200, False, 1)
+    model, cfg, moe_layers = routing_log.load_checkpoint(checkpoint)
+    pairs = routing_log.pair_tasks(cfg)
+    log, _ = routing_log.record_split(model, moe_layers, pairs, "valid", 100000, 200)
     task = pairs[0][1]
     (sample,) = list(task.get_batch_iterator(
         dataset=task.dataset("valid"), max_tokens=100000, max_sentences=200,
@@ -57,10 +61,9 @@ def test_criterion_loads_equal_recorded_loads_on_the_same_batch(checkpoint, toy_
     n_tokens = int(sample["net_input"]["src_tokens"].ne(task.source_dictionary.pad()).sum())
     assert int((log["layer"] == 0).sum()) == n_tokens
     for layer, data in recorded.items():
-        short = short_layer_name(layer)
         for e, share in enumerate(data["shares"]):
-            assert logged[expert_load_metric(short, e)] == pytest.approx(share, abs=1e-4)
-        assert logged[f"moe_{short}_entropy"] == pytest.approx(
+            assert logged[naming.load_metric(layer, e)] == pytest.approx(share, abs=1e-4)
+        assert logged[naming.layer_metric(layer, "entropy")] == pytest.approx(
             float(log["entropy"][log["layer"] == log["layer_names"].tolist().index(layer)].mean()),
             abs=1e-4,
         )
@@ -153,20 +156,21 @@ def test_token_identity_share_hand_computed():
 
 
 def test_generated_routing_equals_incremental_decoding(checkpoint):
-    model, cfg, moe_layers = expert_usage.load_checkpoint(checkpoint)
-    ((_, task),) = expert_usage.pair_tasks(cfg)
+    model, cfg, moe_layers = routing_log.load_checkpoint(checkpoint)
+    ((_, task),) = routing_log.pair_tasks(cfg)
     task.load_dataset("valid")
     dataset = task.dataset("valid")
-    decoder_layers = [m for m in moe_layers if m.name.startswith("decoder")]
+    decoder_layers = [m for m in moe_layers if naming.layer_side(m.name) == "decoder"]
     for index in (0, 5):
         sample = dataset.collater([dataset[index]])
         steps = {m.name: [] for m in decoder_layers}
 
         def keep(module, inputs, output, steps=steps):
-            steps[module.name].append(output[1]["expert_index"].clone())
+            steps[module.name].append(output[1].expert_index.clone())
 
         hooks = [m.register_forward_hook(keep) for m in decoder_layers]
-        prev, hyps = expert_usage._generated_decoder_input(model, task, sample, beam=1, max_len_b=8)
+        generation = routing_log.generation_options(beam=1, max_len_b=8)
+        prev, hyps = routing_log.generated_decoder_input(model, task, sample, generation)
         for h in hooks:
             h.remove()
         with torch.no_grad():
@@ -174,9 +178,9 @@ def test_generated_routing_equals_incremental_decoding(checkpoint):
                 sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"], prev
             )
         for record in extra["moe_records"]:
-            if record["layer"].startswith("decoder"):
-                incremental = torch.cat(steps[record["layer"]])  # one row per step
-                assert torch.equal(record["expert_index"], incremental), record["layer"]
+            if naming.layer_side(record.layer) == "decoder":
+                incremental = torch.cat(steps[record.layer])  # one row per step
+                assert torch.equal(record.expert_index, incremental), record.layer
         assert prev.shape[1] == len(hyps[0])
 
 
@@ -189,7 +193,7 @@ def test_training_log_series_and_plots(tmp_path):
     lines.append('2026-11-22 10:00:01 | INFO | valid | {"num_updates": 20}')
     path = tmp_path / "train.log"
     path.write_text("\n".join(lines))
-    series = rp.training_series(rp.read_training_log(path))
+    series = training_log.training_series(training_log.read_training_log(path).train_inner)
     assert series["updates"] == [10.0, 20.0]
     assert series["loads"] == {"enc1": [[0.7, 0.7], [0.3, 0.3]]}
     assert series["balance_loss"] == [1.1, 1.2]
@@ -200,20 +204,85 @@ def test_training_log_series_and_plots(tmp_path):
     simple.write_text(
         "| INFO | train_inner | epoch 001:  10 / 50 loss=3.2, moe_enc1_load_e0=0.5, num_updates=10\n"
     )
-    assert rp.read_training_log(simple) == [
+    assert training_log.read_training_log(simple).train_inner == [
         {"loss": 3.2, "moe_enc1_load_e0": 0.5, "num_updates": 10.0}
     ]
 
 
 def test_bad_inputs_name_the_problem(tmp_path, checkpoint):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        expert_usage.load_checkpoint(tmp_path / "missing.pt")
+        routing_log.load_checkpoint(tmp_path / "missing.pt")
     bad_log = tmp_path / "empty.log"
     bad_log.write_text("nothing here\n")
     with pytest.raises(ValueError, match="no train_inner records"):
-        rp.read_training_log(bad_log)
+        training_log.read_training_log(bad_log)
     np.savez(tmp_path / "x.npz", layer=np.zeros(2))
     with pytest.raises(ValueError, match="missing arrays"):
         ra.load_log(tmp_path / "x.npz")
     with pytest.raises(SystemExit):
         expert_usage.main(["--out", str(tmp_path)])  # neither checkpoint nor log
+    assert (
+        expert_usage.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
+        == 2
+    )
+
+
+def test_generation_flags_default_to_fairseq_generate_and_reach_the_generator(checkpoint, tmp_path):
+    args = expert_usage.build_parser().parse_args(["--out", str(tmp_path)])
+    assert (args.beam, args.max_len_a, args.max_len_b, args.min_len) == (5, 0, 200, 1)
+    assert (args.lenpen, args.unkpen) == (1, 0)
+    # min_len = max_len = 3: every hypothesis is exactly three tokens (and EOS), whatever the
+    # (untrained) model prefers.
+    out = tmp_path / "gen"
+    argv = ["--checkpoint", str(checkpoint), "--split", "valid", "--out", str(out),
+            "--max-sentences", "8", "--generate", "--beam", "2", "--min-len", "3",
+            "--max-len-a", "0", "--max-len-b", "3"]  # fmt: skip
+    assert expert_usage.main(argv) == 0
+    hypotheses = json.loads((out / "hypotheses.json").read_text())
+    assert len(hypotheses) == 100  # every valid sentence
+    assert {len(text.split()) for text in hypotheses.values()} == {3}
+    log = ra.load_log(out / "routing.npz")
+    decoder = np.isin(log["layer"], [i for i, n in enumerate(log["layer_names"].tolist())
+                                     if naming.layer_side(n) == "decoder"])  # fmt: skip
+    assert set(log["position"][decoder].tolist()) == {0, 1, 2, 3}  # first token + 3
+
+
+def _epoch_lines():
+    """What a run shorter than one --log-interval logs: epoch stats, no train_inner line."""
+    train = {"epoch": 1, "train_loss": 9.1, "train_wps": 1500.0, "train_num_updates": 22}
+    valid = {"epoch": 1, "valid_loss": 8.7, "valid_moe_enc1_load_e0": 0.6,
+             "valid_num_updates": 22}  # fmt: skip
+    return [
+        "2026-11-22 10:00:00 | INFO | fairseq_cli.train | training on 1 devices (GPUs/TPUs)",
+        f"2026-11-22 10:00:01 | INFO | valid | {json.dumps(valid)}",
+        f"2026-11-22 10:00:01 | INFO | train | {json.dumps(train)}",
+    ]
+
+
+def test_training_log_reads_epoch_records_of_both_formats(tmp_path):
+    path = tmp_path / "train.log"
+    path.write_text("\n".join(_epoch_lines()) + "\n")
+    log = training_log.read_training_log(path)
+    assert log.train_inner == []
+    assert log.valid == [{"epoch": 1.0, "loss": 8.7, "moe_enc1_load_e0": 0.6, "num_updates": 22.0}]
+    assert log.train[0]["wps"] == 1500.0 and log.num_updates() == 22
+    simple = tmp_path / "simple.log"
+    simple.write_text(
+        "2026-11-22 10:00:01 | INFO | valid | epoch 001 | valid on 'valid' subset | loss 8.7 | "
+        "moe_enc1_load_e0 0.6 | num_updates 22\n"
+    )
+    assert training_log.read_training_log(simple).valid == log.valid
+
+
+def test_a_log_without_train_inner_records_skips_the_training_figures(tmp_path):
+    path = tmp_path / "train.log"
+    path.write_text("\n".join(_epoch_lines()) + "\n")
+    figures, skipped = training_figures(path, tmp_path)
+    assert figures == {}
+    assert set(skipped) == {"train_expert_load", "train_balance_entropy"}
+    assert "no train_inner records" in skipped["train_expert_load"]
+    assert "update 22" in skipped["train_expert_load"]
+    out = tmp_path / "usage"
+    assert expert_usage.main(["--train-log", str(path), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["figures"] == {} and summary["skipped"] == skipped

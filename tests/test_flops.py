@@ -1,19 +1,20 @@
-"""scripts/flops.py: fvcore and analytic FLOP counts agree, active parameters, the CLI."""
+"""fairseq_moe_plugin/analysis/flops.py and its CLI fairseq_moe_cli/flops.py: fvcore and analytic
+FLOP counts agree, active parameters, the CLI."""
 
 import json
 
 import pytest
 from conftest import build_model_and_task, save_trainer_style_checkpoint, tiny_args, toy_batch
-from flops import (
+
+from fairseq_moe_cli.flops import main
+from fairseq_moe_plugin.analysis.flops import (
     BatchShape,
     ModelSpec,
     analytic_macs,
     flops_report,
     fvcore_macs,
-    main,
     parameter_counts,
 )
-
 from fairseq_moe_plugin.modules.experts import StackedExperts
 from fairseq_moe_plugin.modules.gate import TopKGate
 from fairseq_moe_plugin.modules.moe_layer import MoELayer

@@ -1,4 +1,4 @@
-"""scripts/build_gettext_corpus.py on a tiny locale tree written here with polib (no system files)."""
+"""examples/translation/build_gettext_corpus.py on a tiny locale tree written here with polib (no system files)."""
 
 import json
 import shutil

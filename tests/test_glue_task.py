@@ -138,10 +138,10 @@ def test_mnli_matched_and_mismatched_are_logged_and_submitted(tmp_path):
 
 
 def test_official_metrics_are_sklearn_and_scipy():
-    from eval_glue import official_metrics
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import f1_score, matthews_corrcoef
 
+    from fairseq_moe_cli.eval_glue import official_metrics
     from fairseq_moe_plugin.tasks.glue_data import glue_task
 
     pred, gold = np.array([1, 0, 1, 1, 0, 0]), np.array([1, 0, 0, 1, 1, 0])

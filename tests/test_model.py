@@ -61,7 +61,7 @@ def test_forward_backward_and_records(toy_data):
     x, extra = model(**sample["net_input"])
     assert x.shape[:2] == sample["target"].shape
     records = extra["moe_records"]
-    assert [r["layer"] for r in records] == [
+    assert [r.layer for r in records] == [
         "encoder.layers.0",
         "encoder.layers.1",
         "decoder.layers.0",
@@ -69,9 +69,9 @@ def test_forward_backward_and_records(toy_data):
     ]
     n_src = int(sample["net_input"]["src_tokens"].ne(task.source_dictionary.pad()).sum())
     n_tgt = int(sample["net_input"]["prev_output_tokens"].ne(task.target_dictionary.pad()).sum())
-    assert [int(r["routed_tokens"]) for r in records] == [n_src, n_src, n_tgt, n_tgt]
-    assert all(int(r["expert_counts_routed"].sum()) == r["routed_tokens"] * 2 for r in records)
-    loss = x.float().logsumexp(-1).mean() + sum(r["balance_loss"] + r["z_loss"] for r in records)
+    assert [int(r.routed_tokens) for r in records] == [n_src, n_src, n_tgt, n_tgt]
+    assert all(int(r.expert_counts_routed.sum()) == r.routed_tokens * 2 for r in records)
+    loss = x.float().logsumexp(-1).mean() + sum(r.balance_loss + r.z_loss for r in records)
     loss.backward()
     layer = model.encoder.layers[0]
     assert layer.moe.gate.wg.weight.grad is not None
@@ -114,7 +114,7 @@ def test_checkpoint_save_load_gives_identical_outputs(toy_data, tmp_path):
         b, extra_b = loaded(**sample["net_input"])
     assert torch.equal(a, b)
     for ra, rb in zip(extra_a["moe_records"], extra_b["moe_records"], strict=True):
-        assert torch.equal(ra["expert_counts"], rb["expert_counts"])
+        assert torch.equal(ra.expert_counts, rb.expert_counts)
 
 
 def _generate(model, task, sample, incremental: bool, beam=4):
@@ -211,7 +211,7 @@ def test_eval_routing_does_not_depend_on_batch_mates(toy_data):
 )
 def test_bad_config_names_the_flag(toy_data, flags, message):
     args = tiny_args(toy_data["bin"], *flags)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=rf"^moe_transformer_tiny: .*{message}"):  # the arch in use
         build_model_and_task(args)
 
 
@@ -221,10 +221,10 @@ def test_layer_drop_does_not_leak_stale_records(toy_data):
     model.train()
     sample = toy_batch(task, n=4)
     _, extra = model(**copy.deepcopy(sample["net_input"]))
-    enc = [r for r in extra["moe_records"] if r["layer"].startswith("encoder")]
+    enc = [r for r in extra["moe_records"] if r.layer.startswith("encoder")]
     assert len(enc) <= 2  # layers skipped by LayerDrop give no record (with p=.999 usually 0)
     _, extra2 = model(**sample["net_input"])
-    enc2 = [r for r in extra2["moe_records"] if r["layer"].startswith("encoder")]
+    enc2 = [r for r in extra2["moe_records"] if r.layer.startswith("encoder")]
     assert all(not any(r is s for s in enc) for r in enc2), "a record was reused"
 
 
@@ -247,3 +247,17 @@ def test_grad_buffer_reuse_flag_reaches_every_moe_layer(toy_data, flag, reuse):
     again[0].float().sum().backward()
     if reuse:  # the same memory again (without reuse, malloc may or may not return it)
         assert [e.fc1_weight.grad.data_ptr() for e in experts] == pointers
+
+
+def test_normformer_options_are_refused_by_moe_decoder_layers(toy_data):
+    from fairseq.models.transformer import TransformerConfig
+
+    from fairseq_moe_plugin.models.moe_config import moe_config_from_namespace
+
+    args = tiny_args(toy_data["bin"])
+    build_model_and_task(args)  # fills the preset's defaults into args
+    cfg = TransformerConfig.from_namespace(args)
+    MoETransformerDecoderLayer(cfg, moe_config_from_namespace(args), "decoder.layers.1")
+    cfg.scale_heads = True  # what fairseq's NormFormer configs set
+    with pytest.raises(ValueError, match=r"decoder.layers.1: NormFormer .* sets \['c_attn'\]"):
+        MoETransformerDecoderLayer(cfg, moe_config_from_namespace(args), "decoder.layers.1")

@@ -14,6 +14,7 @@ from naive_moe import naive_keep_mask, naive_moe
 import fairseq_moe_plugin.modules.gate as gate_module
 from fairseq_moe_plugin.modules.experts import StackedExperts, get_activation_fn
 from fairseq_moe_plugin.modules.gate import TopKGate, load_balance_loss, routing_entropy
+from fairseq_moe_plugin.modules.grouped_ffn import DispatchPlan
 from fairseq_moe_plugin.modules.moe_layer import MoELayer
 
 D_MODEL = 8
@@ -63,6 +64,18 @@ def assert_grads_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *
         torch.testing.assert_close(a[name], b[name], msg=lambda m, n=name: f"{n}: {m}", **tol)
 
 
+def sorted_plan(counts: list[int]) -> DispatchPlan:
+    """The plan of rows already sorted by expert (the first counts[0] rows to expert 0, ...),
+    one choice each, all kept: the experts' output row m is row m's expert output."""
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))  # M
+    keep = torch.ones(len(experts), 1, dtype=torch.bool)
+    plan = DispatchPlan.from_routing(experts.view(-1, 1), keep, len(counts))
+    assert plan.tokens_per_expert == list(counts) and plan.order.tolist() == list(
+        range(len(experts))
+    )
+    return plan
+
+
 def dense_ffn_from_expert(experts: StackedExperts, e: int) -> nn.Sequential:
     """nn.Linear -> relu -> nn.Linear holding copies of expert e's weights."""
     fc1 = nn.Linear(experts.d_model, experts.d_ff).to(experts.fc1_weight.dtype)
@@ -81,7 +94,6 @@ def dense_ffn_from_expert(experts: StackedExperts, e: int) -> nn.Sequential:
 
 _REFERENCE_ACTIVATIONS = {
     "relu": torch.relu,
-    "relu_squared": lambda x: torch.relu(x) ** 2,
     "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / 2**0.5)),
     "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_accurate": lambda x: F.gelu(x, approximate="tanh"),
@@ -131,27 +143,26 @@ def test_experts_grouped_forward_matches_per_expert():
     expected = torch.cat(
         [experts.expert_forward(e, chunk) for e, chunk in enumerate(x.split(counts)) if len(chunk)]
     )  # M x C
-    torch.testing.assert_close(experts(x, counts), expected)
-    torch.testing.assert_close(experts(x, torch.tensor(counts)), expected)
+    torch.testing.assert_close(experts(x, sorted_plan(counts)), expected)
     # gradients reach only experts that received tokens
-    experts(x, counts).sum().backward()
+    experts(x, sorted_plan(counts)).sum().backward()
     assert experts.fc1_weight.grad[1].abs().sum() == 0
     for e in (0, 2, 3):
         assert experts.fc1_weight.grad[e].abs().sum() > 0
 
 
-def test_experts_bad_counts():
+def test_experts_bad_plans():
     experts = StackedExperts(3, D_MODEL, D_FF)
     x = torch.randn(4, D_MODEL)
-    with pytest.raises(ValueError, match="tokens_per_expert"):
-        experts(x, [1, 1, 1])  # sums to 3, not 4
-    with pytest.raises(ValueError, match="tokens_per_expert"):
-        experts(x, [2, 2])  # two entries for three experts
+    with pytest.raises(ValueError, match="tokens_per_expert .* cover the 4 tokens .* for 3 tokens"):
+        experts(x, sorted_plan([1, 1, 1]))  # a plan for 3 tokens, not 4
+    with pytest.raises(ValueError, match="tokens_per_expert must have 3 entries .* it has 2"):
+        experts(x, sorted_plan([2, 2]))  # two entries for three experts
 
 
 def test_experts_no_tokens():
     experts = StackedExperts(3, D_MODEL, D_FF).double()
-    out = experts(torch.zeros(0, D_MODEL, dtype=torch.float64), [0, 0, 0])
+    out = experts(torch.zeros(0, D_MODEL, dtype=torch.float64), sorted_plan([0, 0, 0]))
     assert out.shape == (0, D_MODEL) and out.dtype == torch.float64
 
 
@@ -160,17 +171,17 @@ def test_experts_activation_dropout_only_in_training():
     experts = StackedExperts(2, D_MODEL, 64, activation_dropout=0.5)
     x = torch.randn(6, D_MODEL)
     experts.eval()
-    a, b = experts(x, [3, 3]), experts(x, [3, 3])
+    a, b = experts(x, sorted_plan([3, 3])), experts(x, sorted_plan([3, 3]))
     assert torch.equal(a, b)
     experts.train()
     torch.manual_seed(1)
-    c = experts(x, [3, 3])
+    c = experts(x, sorted_plan([3, 3]))
     assert not torch.allclose(a, c)
 
 
 def test_experts_output_in_input_dtype():
     experts = StackedExperts(2, D_MODEL, D_FF).to(torch.bfloat16)
-    out = experts(torch.randn(4, D_MODEL).to(torch.bfloat16), [1, 3])
+    out = experts(torch.randn(4, D_MODEL).to(torch.bfloat16), sorted_plan([1, 3]))
     assert out.dtype == torch.bfloat16
 
 
@@ -203,8 +214,8 @@ def test_single_expert_equals_dense_ffn(normalize):
     torch.testing.assert_close(layer.experts.fc2_bias.grad[0], dense[2].bias.grad)
     # softmax over one expert is constant: the router gets no gradient from the output
     assert layer.gate.wg.weight.grad is None or not layer.gate.wg.weight.grad.any()
-    assert record["balance_loss"].item() == pytest.approx(1.0)
-    assert record["dropped"].item() == 0
+    assert record.balance_loss.item() == pytest.approx(1.0)
+    assert record.dropped.item() == 0
 
 
 def test_single_expert_with_capacity_factor_one_drops_nothing():
@@ -213,7 +224,7 @@ def test_single_expert_with_capacity_factor_one_drops_nothing():
     x = torch.randn(10, D_MODEL, dtype=torch.float64)
     y, record = layer(x)
     torch.testing.assert_close(y, dense_ffn_from_expert(layer.experts, 0)(x))
-    assert record["dropped"].item() == 0
+    assert record.dropped.item() == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +245,7 @@ def test_top_all_equals_softmax_mixture(normalize):
     for e in range(num_experts):
         expected += probs[:, e : e + 1].double() * layer.experts.expert_forward(e, x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(record["expert_counts"], torch.full((num_experts,), 11))
+    assert torch.equal(record.expert_counts, torch.full((num_experts,), 11))
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +298,7 @@ def test_dispatch_matches_naive_loop(num_experts, k, factor, normalize):
     # dropped assignments contribute nothing: fully dropped tokens give exactly zero
     dropped_tokens = ~keep.any(dim=-1)
     assert not y[dropped_tokens].any()
-    assert record["dropped"].item() == int((~keep).sum())
+    assert record.dropped.item() == int((~keep).sum())
 
 
 def test_dispatch_matches_naive_loop_in_eval_with_eval_capacity():
@@ -297,7 +308,7 @@ def test_dispatch_matches_naive_loop_in_eval_with_eval_capacity():
     y, record = layer(x)
     gate_out = layer.gate(x)
     assert gate_out.capacity == 5  # ceil(.5 * 2 * 20 / 4)
-    assert record["dropped"].item() > 0
+    assert record.dropped.item() > 0
     torch.testing.assert_close(y, naive_moe(layer.experts, x, gate_out, True), rtol=1e-5, atol=0)
 
 
@@ -306,10 +317,10 @@ def test_eval_is_dropless_by_default_even_with_tiny_capacity_factor():
     torch.manual_seed(6)
     x = torch.randn(20, D_MODEL, dtype=torch.float64)
     _, record = layer(x)
-    assert record["dropped"].item() > 0  # training: capacity ceil(.1 * 2 * 20 / 4) = 1
+    assert record.dropped.item() > 0  # training: capacity ceil(.1 * 2 * 20 / 4) = 1
     layer.eval()
     y, record = layer(x)
-    assert record["dropped"].item() == 0
+    assert record.dropped.item() == 0
     gate_out = layer.gate(x)
     assert gate_out.keep.all()
     torch.testing.assert_close(y, naive_moe(layer.experts, x, gate_out, True), rtol=1e-5, atol=0)
@@ -323,7 +334,7 @@ def test_leading_shape_is_flattened_and_restored():
     y_flat, record_flat = layer(x.reshape(15, D_MODEL))
     assert y.shape == (5, 3, D_MODEL)
     torch.testing.assert_close(y.reshape(15, D_MODEL), y_flat)
-    assert torch.equal(record["expert_counts"], record_flat["expert_counts"])
+    assert torch.equal(record.expert_counts, record_flat.expert_counts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,8 +379,8 @@ def test_padding_changes_nothing(garbage, k, factor):
     assert not x_pad.grad[mask].any()
     torch.testing.assert_close(x_pad.grad[~mask], x_real.grad)
     assert_grads_close(param_grads(layer), grads_ref)
-    torch.testing.assert_close(rec["balance_loss"], rec_ref["balance_loss"], rtol=0, atol=0)
-    torch.testing.assert_close(rec["z_loss"], rec_ref["z_loss"], rtol=0, atol=0)
+    torch.testing.assert_close(rec.balance_loss, rec_ref.balance_loss, rtol=0, atol=0)
+    torch.testing.assert_close(rec.z_loss, rec_ref.z_loss, rtol=0, atol=0)
     for key in (
         "expert_counts",
         "expert_counts_routed",
@@ -378,10 +389,10 @@ def test_padding_changes_nothing(garbage, k, factor):
         "routed_tokens",
         "entropy",
     ):
-        assert torch.equal(rec[key], rec_ref[key]), key
-    assert rec["routed_tokens"].item() == n_real
+        assert torch.equal(getattr(rec, key), getattr(rec_ref, key)), key
+    assert rec.routed_tokens.item() == n_real
     if factor > 0:
-        assert rec["dropped"].item() > 0  # capacity, computed from N real tokens, binds
+        assert rec.dropped.item() > 0  # capacity, computed from N real tokens, binds
 
 
 def test_padding_values_do_not_matter():
@@ -391,8 +402,8 @@ def test_padding_values_do_not_matter():
     x2 = torch.where(mask[..., None], torch.randn_like(x) * 50, x)
     y2, rec2 = layer(x2, padding_mask=mask)
     assert torch.equal(y1, y2)
-    assert torch.equal(rec1["balance_loss"], rec2["balance_loss"])
-    assert torch.equal(rec1["expert_counts"], rec2["expert_counts"])
+    assert torch.equal(rec1.balance_loss, rec2.balance_loss)
+    assert torch.equal(rec1.expert_counts, rec2.expert_counts)
 
 
 def test_no_padding_mask_equals_all_false_mask():
@@ -401,7 +412,7 @@ def test_no_padding_mask_equals_all_false_mask():
     y1, rec1 = layer(x)
     y2, rec2 = layer(x, padding_mask=torch.zeros_like(mask))
     assert torch.equal(y1, y2)
-    assert torch.equal(rec1["expert_counts"], rec2["expert_counts"])
+    assert torch.equal(rec1.expert_counts, rec2.expert_counts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,37 +430,37 @@ def test_records(num_experts, k, factor):
     gate_out = layer.gate(x_real)  # deterministic: no jitter
     keep, index = gate_out.keep, gate_out.expert_index  # N x k
 
-    assert rec["layer"] == "encoder.layers.0"
-    assert rec["k"] == k
-    assert rec["expert_counts"].shape == (num_experts,)
-    assert rec["expert_counts"].dtype == torch.long
-    assert torch.equal(rec["expert_counts"], torch.bincount(index[keep], minlength=num_experts))
+    assert rec.layer == "encoder.layers.0"
+    assert rec.k == k
+    assert rec.expert_counts.shape == (num_experts,)
+    assert rec.expert_counts.dtype == torch.long
+    assert torch.equal(rec.expert_counts, torch.bincount(index[keep], minlength=num_experts))
     assert torch.equal(
-        rec["expert_counts_routed"], torch.bincount(index.reshape(-1), minlength=num_experts)
+        rec.expert_counts_routed, torch.bincount(index.reshape(-1), minlength=num_experts)
     )
-    assert rec["expert_counts"].sum().item() == int(keep.sum())
-    assert rec["expert_counts_routed"].sum().item() == n_real * k
-    assert rec["dropped"].item() == n_real * k - int(keep.sum())
-    assert rec["dropped_tokens"].item() == int((~keep.any(dim=-1)).sum())
-    assert rec["routed_tokens"].item() == n_real == int((~mask).sum())
-    assert torch.all(rec["expert_counts"] <= gate_out.capacity)
+    assert rec.expert_counts.sum().item() == int(keep.sum())
+    assert rec.expert_counts_routed.sum().item() == n_real * k
+    assert rec.dropped.item() == n_real * k - int(keep.sum())
+    assert rec.dropped_tokens.item() == int((~keep.any(dim=-1)).sum())
+    assert rec.routed_tokens.item() == n_real == int((~mask).sum())
+    assert torch.all(rec.expert_counts <= gate_out.capacity)
     if factor > 0:
-        assert rec["dropped"].item() > 0
+        assert rec.dropped.item() > 0
     if k == 1 and factor > 0:
-        assert rec["dropped_tokens"].item() == rec["dropped"].item() > 0
+        assert rec.dropped_tokens.item() == rec.dropped.item() > 0
 
     probs = gate_out.probs  # N x E
     expected_entropy = -(probs * probs.log()).sum(-1).mean()
-    torch.testing.assert_close(rec["entropy"], routing_entropy(probs).mean())
-    torch.testing.assert_close(rec["entropy"], expected_entropy)
-    assert rec["entropy"].dtype == torch.float32 and not rec["entropy"].requires_grad
+    torch.testing.assert_close(rec.entropy, routing_entropy(probs).mean())
+    torch.testing.assert_close(rec.entropy, expected_entropy)
+    assert rec.entropy.dtype == torch.float32 and not rec.entropy.requires_grad
 
-    torch.testing.assert_close(rec["balance_loss"], load_balance_loss(probs, index))
-    torch.testing.assert_close(rec["z_loss"], torch.logsumexp(gate_out.logits, -1).pow(2).mean())
-    assert rec["balance_loss"].requires_grad and rec["z_loss"].requires_grad
+    torch.testing.assert_close(rec.balance_loss, load_balance_loss(probs, index))
+    torch.testing.assert_close(rec.z_loss, torch.logsumexp(gate_out.logits, -1).pow(2).mean())
+    assert rec.balance_loss.requires_grad and rec.z_loss.requires_grad
     for key in ("expert_counts", "expert_counts_routed", "dropped", "dropped_tokens"):
-        assert not rec[key].requires_grad, key
-    (rec["balance_loss"] + rec["z_loss"]).backward()
+        assert not getattr(rec, key).requires_grad, key
+    (rec.balance_loss + rec.z_loss).backward()
     assert layer.gate.wg.weight.grad.abs().sum() > 0
 
 
@@ -466,11 +477,11 @@ def test_every_assignment_dropped(monkeypatch):
     y, rec = layer(x)
     assert y.shape == x.shape
     assert not y.any()
-    assert rec["dropped"].item() == 6 * 2 * 2
-    assert rec["dropped_tokens"].item() == 12
-    assert not rec["expert_counts"].any()
-    assert rec["expert_counts_routed"].sum().item() == 24
-    (y.sum() + rec["balance_loss"] + rec["z_loss"]).backward()
+    assert rec.dropped.item() == 6 * 2 * 2
+    assert rec.dropped_tokens.item() == 12
+    assert not rec.expert_counts.any()
+    assert rec.expert_counts_routed.sum().item() == 24
+    (y.sum() + rec.balance_loss + rec.z_loss).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     for name, p in layer.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name
@@ -488,7 +499,7 @@ def test_single_token(k, factor):
     assert gate_out.keep.all()  # capacity >= 1 always fits a single token's k distinct choices
     y_ref = naive_moe(layer.experts, x.reshape(1, D_MODEL), gate_out, True)
     torch.testing.assert_close(y.reshape(1, D_MODEL), y_ref, rtol=1e-5, atol=1e-6)
-    assert rec["routed_tokens"].item() == 1 and rec["dropped"].item() == 0
+    assert rec.routed_tokens.item() == 1 and rec.dropped.item() == 0
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
 
@@ -504,12 +515,12 @@ def test_no_tokens(how):
         mask = None
     y, rec = layer(x, padding_mask=mask)
     assert y.shape == x.shape and y.dtype == x.dtype and not y.any()
-    assert rec["balance_loss"].item() == 0.0 and rec["z_loss"].item() == 0.0
-    assert rec["routed_tokens"].item() == 0
-    assert rec["dropped"].item() == 0 and rec["dropped_tokens"].item() == 0
-    assert not rec["expert_counts"].any() and not rec["expert_counts_routed"].any()
-    assert rec["entropy"].item() == 0.0
-    (y.sum() + rec["balance_loss"] + rec["z_loss"]).backward()
+    assert rec.balance_loss.item() == 0.0 and rec.z_loss.item() == 0.0
+    assert rec.routed_tokens.item() == 0
+    assert rec.dropped.item() == 0 and rec.dropped_tokens.item() == 0
+    assert not rec.expert_counts.any() and not rec.expert_counts_routed.any()
+    assert rec.entropy.item() == 0.0
+    (y.sum() + rec.balance_loss + rec.z_loss).backward()
     if x.grad is not None:
         assert not x.grad.any()
     for p in layer.parameters():
@@ -529,8 +540,8 @@ def test_bf16_layer_routes_in_fp32_and_outputs_bf16():
     x16 = torch.randn(3, 5, D_MODEL).to(torch.bfloat16)  # T x B x C
     y16, rec16 = layer16(x16)
     assert y16.dtype == torch.bfloat16
-    assert rec16["balance_loss"].dtype == torch.float32
-    assert rec16["z_loss"].dtype == torch.float32
+    assert rec16.balance_loss.dtype == torch.float32
+    assert rec16.z_loss.dtype == torch.float32
     gate_out = layer16.gate(x16.reshape(-1, D_MODEL))
     assert gate_out.logits.dtype == torch.float32
     assert gate_out.expert_weight.dtype == torch.float32
@@ -556,9 +567,9 @@ def test_layer_under_autocast(use_mask):
         y, rec = layer(x, padding_mask=mask)
     assert y.shape == x.shape
     # routing is fp32 and unaffected by autocast; only the expert matmuls run in bf16
-    assert rec["balance_loss"].dtype == torch.float32
-    assert torch.equal(rec["balance_loss"], rec_ref["balance_loss"])
-    assert torch.equal(rec["expert_counts"], rec_ref["expert_counts"])
+    assert rec.balance_loss.dtype == torch.float32
+    assert torch.equal(rec.balance_loss, rec_ref.balance_loss)
+    assert torch.equal(rec.expert_counts, rec_ref.expert_counts)
     torch.testing.assert_close(y.float(), y_ref, rtol=5e-2, atol=5e-2)
     if use_mask:
         assert not y[mask].any()

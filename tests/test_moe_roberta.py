@@ -19,9 +19,9 @@ def test_tiny_preset_routes_and_classifies():
         logits, extra = model(_tokens(), classification_head_name="sentence_classification_head")
     assert logits.shape == (3, 3)
     (record,) = extra["moe_records"]  # layer 1 of 2 is MoE
-    assert record["layer"] == "encoder.layers.1"
-    assert int(record["routed_tokens"]) == 3 * 9 - 3  # padding is not routed
-    assert record["expert_counts_routed"].numel() == 4
+    assert record.layer == "encoder.layers.1"
+    assert int(record.routed_tokens) == 3 * 9 - 3  # padding is not routed
+    assert record.expert_counts_routed.numel() == 4
     experts = model.encoder.sentence_encoder.layers[1].moe.experts
     assert float(experts.fc1_weight.std()) == pytest.approx(0.02, rel=0.1)  # BERT init
 
@@ -92,3 +92,17 @@ def test_upcycled_from_a_translation_encoder(toy_data):
         got, _ = model(src, features_only=True)
     real = src.ne(1)
     torch.testing.assert_close(got[real], expected.transpose(0, 1)[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--moe-top-k", 5], r"^moe_roberta_tiny: top-k \(--moe-top-k\) must be between 1 and"),
+        (["--moe-expert-count", 0], r"^moe_roberta_tiny: .*--moe-expert-count\) must be >= 1"),
+        (["--moe-jitter-eps", 1.0], r"^moe_roberta_tiny: jitter_eps \(--moe-jitter-eps\)"),
+        (["--encoder-moe-freq", -1], r"^moe_roberta_tiny: --encoder-moe-freq must be >= 0"),
+    ],
+)
+def test_bad_config_errors_name_the_arch_in_use(flags, message):
+    with pytest.raises(ValueError, match=message):
+        MoERobertaModel.build_model(_args(*flags), _Task())

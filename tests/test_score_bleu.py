@@ -1,4 +1,4 @@
-"""scripts/score_bleu.py: the same BLEU/chrF as sacrebleu and as fairseq's --scoring sacrebleu,
+"""fairseq_moe_cli/score_bleu.py: the same BLEU/chrF as sacrebleu and as fairseq's --scoring sacrebleu,
 and clear errors on bad inputs."""
 
 import json
@@ -6,7 +6,14 @@ import json
 import pytest
 import sacrebleu
 from fairseq.scoring.bleu import SacrebleuConfig, SacrebleuScorer
-from score_bleu import main, parse_generate_output, read_plain, resolve_tokenize, score_corpus
+
+from fairseq_moe_cli.score_bleu import (
+    main,
+    parse_generate_output,
+    read_plain,
+    resolve_tokenize,
+    score_corpus,
+)
 
 REFS = [
     "The cat sat on the mat, didn't it?",

@@ -72,7 +72,7 @@ def test_aux_loss_is_added_times_the_number_of_sentences(regression):
         _, extra = model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
     records = extra["moe_records"]
     assert len(records) == 2
-    aux = sum(0.5 * r["balance_loss"] + 0.25 * r["z_loss"] for r in records)
+    aux = sum(0.5 * r.balance_loss + 0.25 * r.z_loss for r in records)
     torch.testing.assert_close(loss, base + aux * 3)
     torch.testing.assert_close(log["loss"], loss)
     with metrics.aggregate(new_root=True) as agg:

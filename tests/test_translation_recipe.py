@@ -1,5 +1,7 @@
-"""The translation recipe: input checks of prepare_data.py, and a multilingual tiny run (two
-target languages) through translation_multi_simple_epoch: train -> generate -> score."""
+"""The translation recipe: input checks of prepare_data.py, a multilingual tiny run (two
+target languages) through translation_multi_simple_epoch: train -> generate -> score, and run.py
+end to end (a dense model, and an MoE run shorter than one log interval): both end with
+metrics.json and its table, an analysis step that does not apply being skipped with its reason."""
 
 import json
 import re
@@ -10,7 +12,14 @@ import sys
 import pytest
 from conftest import BIN, PLUGIN_DIR, REPO, run_cli
 
-PREPARE = REPO / "examples" / "translation" / "prepare_data.py"
+from fairseq_moe_plugin import naming
+
+RECIPE = REPO / "examples" / "translation"
+PREPARE = RECIPE / "prepare_data.py"
+# A tiny model for run.py's presets (--model-args comes after the preset's flags and wins).
+TINY = ("--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 --decoder-embed-dim 32 "
+        "--encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64 --encoder-attention-heads 2 "
+        "--decoder-attention-heads 2")  # fmt: skip
 
 
 def _prepare(*args):
@@ -21,7 +30,7 @@ def _prepare(*args):
 @pytest.fixture(scope="module")
 def multi_raw(tmp_path_factory):
     """en -> de and en -> fr toy corpora in the multi-pair layout."""
-    from make_toy_corpus import write_corpus
+    from toy_corpus import write_corpus
 
     root = tmp_path_factory.mktemp("multi")
     raw = root / "raw"
@@ -113,9 +122,10 @@ def test_multilingual_train_generate_score(multi_raw, tmp_path):
         assert report["results"][lang]["num_sentences"] == 60
         assert report["results"][lang]["chrf"]["score"] > 20, report["results"][lang]
     # Routing analysis of the multilingual model: per-language figures exist and match the log.
-    import expert_usage
     import numpy as np
-    import routing_analysis as ra
+
+    from fairseq_moe_cli import expert_usage
+    from fairseq_moe_plugin.analysis import routing_analysis as ra
 
     usage = tmp_path / "usage"
     assert expert_usage.main(["--checkpoint", str(tmp_path / "ck" / "checkpoint_best.pt"),
@@ -136,3 +146,93 @@ def test_multilingual_train_generate_score(multi_raw, tmp_path):
     assert (usage / summary["figures"]["decoder_language_similarity"]["png"]).stat().st_size > 1000
     sentences = {(int(p), int(s)) for p, s in zip(log["pair"], log["sentence"], strict=True)}
     assert len(sentences) == 120  # every test sentence of both directions
+
+
+def _run_recipe(root, run, model, *extra, model_args=TINY):
+    """run.py with a tiny model and a tiny budget; returns (metrics.json, console output)."""
+    out = run_cli(
+        [sys.executable, RECIPE / "run.py", "--results", root / "results", "--run", run,
+         "--model", model, "--model-args", model_args, "--max-update", 3, "--budget-minutes", 2,
+         "--vocab-size", 60, "--bench-sentences", 4, *extra],
+        cwd=root, log_name=f"{run}.log",
+    )  # fmt: skip
+    return json.loads((root / "results" / run / "metrics.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """run.py --raw on a small toy corpus with the dense_flops preset (what make compare runs)."""
+    from toy_corpus import write_corpus
+
+    root = tmp_path_factory.mktemp("recipe")
+    write_corpus(str(root / "raw"), n_train=300, n_valid=20, n_test=20)
+    metrics, out = _run_recipe(root, "dense", "dense_flops", "--raw", root / "raw",
+                               "--pairs", "src-tgt")  # fmt: skip
+    return root, metrics, out
+
+
+@pytest.mark.slow
+def test_recipe_with_a_dense_model_skips_the_routing_step_and_ends_with_metrics(dense_run):
+    root, metrics, out = dense_run
+    reason = metrics["skipped"]["routing_analysis"]
+    assert reason.startswith("the model has no MoE layer"), reason
+    assert (
+        f"routing analysis skipped: {reason}" in out
+        and f"skipped: routing_analysis: {reason}" in out
+    )
+    assert metrics["failed"] == {} and metrics["routing_analysis"] is None
+    assert not (root / "results" / "dense" / "usage").exists()
+    assert (
+        metrics["languages"] == ["src-tgt"]
+        and metrics["scores"]["results"]["tgt"]["num_sentences"] == 20
+    )
+    assert metrics["params"]["params_total"] == metrics["params"]["params_active_per_token"]
+    assert metrics["flops"]["report"]["parameters"]["moe_layers"] == []
+    assert [r["batch_size"] for r in metrics["generation"]["runs"]] == [1, 32]
+    assert metrics["train"]["updates"] == 3 and metrics["expert_load_valid"] == {}
+    assert "| language | BLEU | chrF | sentences |" in out and "| tgt |" in out
+
+
+@pytest.mark.slow
+def test_recipe_shorter_than_one_log_interval_skips_its_training_figures(dense_run):
+    """3 updates, --log-interval 100: the log has no train_inner record. The routing analysis
+    still runs; its figures over updates are skipped with the reason; metrics.json is written."""
+    root, _, _ = dense_run
+    moe = TINY + " --encoder-moe-freq 1 --decoder-moe-freq 1 --moe-expert-count 4"
+    data = root / "results" / "dense" / "data"  # prepared by the dense run
+    metrics, out = _run_recipe(root, "moe_short", "moe", "--data", data, model_args=moe)
+    assert metrics["failed"] == {} and metrics["skipped"] == {}
+    routing = metrics["routing_analysis"]
+    for name in ("train_expert_load", "train_balance_entropy"):
+        assert "no train_inner records" in routing["skipped"][name], routing["skipped"]
+        assert f"expert_usage: no {name}: " in out
+    assert "layer_expert_share" in routing["figures"]
+    summary = json.loads((root / "results" / "moe_short" / "usage" / "summary.json").read_text())
+    assert summary["skipped"] == routing["skipped"] and summary["mode"] == "generate"
+    assert metrics["train"]["updates"] == 3
+    load = naming.load_metric("encoder.layers.0", 0)
+    assert load in metrics["expert_load_valid"]  # the last validation's loads
+    assert "| language | BLEU | chrF | sentences |" in out
+
+
+def test_a_failed_analysis_step_is_recorded_and_the_compare_table_shows_a_dash():
+    import compare_dense_moe
+    import run
+
+    status = {"skipped": {}, "failed": {}}
+
+    def fails():
+        raise run.StepFailed("step failed (exit 2): x ... see flops.log\nTraceback ...")
+
+    assert run.optional("flops", status, fails) is None
+    assert status == {
+        "skipped": {},
+        "failed": {"flops": "step failed (exit 2): x ... see flops.log"},
+    }
+    assert run.routing_skip_reason(None) is None  # unknown: the step runs (and may fail)
+    assert run.routing_skip_reason({"parameters": {"moe_layers": [{"layer": "x"}]}}) is None
+    assert "no MoE layer" in run.routing_skip_reason({"parameters": {"moe_layers": []}})
+    metrics = {"bleu": {"de": 10.0}, "chrf": {"de": 30.0}, "flops": None, "params": None,
+               "generation": None, "train": {"updates": 3, "words_per_s": None}}  # fmt: skip
+    row = compare_dense_moe.table({"dense_flops": metrics}).splitlines()[-1]
+    assert row == "| dense_flops | 10.0 | 10.0 | 30.0 | - | - | - | 3 | - | - | - |"

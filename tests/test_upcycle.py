@@ -96,3 +96,40 @@ def test_mismatched_sizes_and_missing_checkpoint_are_named(toy_data, dense_check
         upcycle(model, dense)
     with pytest.raises(ValueError, match="--moe-upcycle-noise"):
         _upcycled(toy_data, path, "--moe-upcycle-noise", -1)
+
+
+LAYER_OPTIONS = [
+    ["--encoder-normalize-before", "--decoder-normalize-before"],
+    ["--cross-self-attention"],
+    ["--no-cross-attention", "--activation-fn", "gelu"],
+]
+
+
+@pytest.mark.parametrize("options", LAYER_OPTIONS, ids=lambda o: " ".join(o))
+def test_moe_layers_are_fairseqs_layers_under_fairseqs_layer_options(toy_data, options):
+    """The MoE layers have their own forward (fairseq's attention blocks, the MoE layer as the
+    FFN): with one expert, upcycled, they compute what fairseq's dense layers compute, with the
+    layer options fairseq offers, in full and in incremental decoding."""
+    torch.manual_seed(4)
+    dense, task, _ = build_model_and_task(
+        tiny_args(toy_data["bin"], *FFN, *options, arch="transformer_tiny")
+    )
+    model, _, _ = build_model_and_task(
+        tiny_args(toy_data["bin"], *FFN, *options, *MOE_ALL, "--moe-expert-count", 1,
+                  "--moe-top-k", 1, "--moe-normalize-top-k")
+    )  # fmt: skip
+    upcycle(model, dense.state_dict())
+    dense.eval(), model.eval()
+    net_input = toy_batch(task, n=6)["net_input"]
+    real = net_input["prev_output_tokens"].ne(task.target_dictionary.pad())
+    with torch.no_grad():
+        expected, _ = dense(**net_input)
+        got, _ = model(**net_input)
+        torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+        encoder_out = model.encoder(net_input["src_tokens"], net_input["src_lengths"])
+        state, steps = {}, []
+        for t in range(net_input["prev_output_tokens"].size(1)):
+            out, _ = model.decoder(net_input["prev_output_tokens"][:, : t + 1],
+                                   encoder_out=encoder_out, incremental_state=state)  # fmt: skip
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1)[real], expected[real], rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 """Parallel text -> joint sentencepiece -> fairseq-preprocess, for one or several language pairs.
 
 Input (``--raw DIR``), per pair ``SRC-TGT`` and split in train/valid/test, either
-``DIR/{split}.SRC-TGT.{SRC,TGT}`` (several pairs, as scripts/build_gettext_corpus.py writes) or
+``DIR/{split}.SRC-TGT.{SRC,TGT}`` (several pairs, as build_gettext_corpus.py writes) or
 ``DIR/{split}.{SRC,TGT}`` (plain parallel text, one sentence per line). Nothing here assumes the
 gettext domain.
 
@@ -143,6 +143,67 @@ def write_fairseq_dict(vocab: Path, out: Path) -> None:
             fout.write(f"{piece} 1\n")
 
 
+def check_inputs(a) -> tuple[list[tuple[str, str]], dict]:
+    """The pairs and the files found for them; DataError naming the first bad input."""
+    pairs = parse_pairs(a.pairs)
+    found = validate(a.raw, pairs)
+    if a.spm_model is not None and not a.spm_model.is_file():
+        raise DataError(f"--spm-model {a.spm_model}: no such sentencepiece model")
+    if a.spm_model is not None and not a.spm_model.with_suffix(".vocab").is_file():
+        raise DataError(
+            f"--spm-model {a.spm_model}: its vocabulary "
+            f"{a.spm_model.with_suffix('.vocab')} is missing"
+        )
+    return pairs, found
+
+
+def sentencepiece(a, found: dict) -> Path:
+    """``WORK/spm.model`` (given, or trained on the train files) and the text encoded with it
+    in ``WORK/spm/``; returns that folder."""
+    model = a.out / "spm.model"
+    if a.spm_model is not None:
+        shutil.copy(a.spm_model, model)
+        shutil.copy(a.spm_model.with_suffix(".vocab"), a.out / "spm.vocab")
+    else:
+        train_files = sorted(
+            {f for (split, *_), (s, t, _) in found.items() if split == "train" for f in (s, t)}
+        )
+        print(f"prepare_data: training sentencepiece ({a.vocab_size} pieces) on "
+              f"{len(train_files)} files", flush=True)  # fmt: skip
+        train_spm(train_files, a.out / "spm", a.vocab_size, a.spm_max_sentences)
+    enc_dir = a.out / "spm"
+    enc_dir.mkdir(exist_ok=True)
+    for (split, src, tgt), (s, t, _) in found.items():
+        encode(model, s, enc_dir / f"{split}.{src}-{tgt}.{src}")
+        encode(model, t, enc_dir / f"{split}.{src}-{tgt}.{tgt}")
+    return enc_dir
+
+
+def binarise(a, pairs, enc_dir: Path) -> Path:
+    """fairseq-preprocess of every pair into ``WORK/data-bin`` with the shared dictionary;
+    DataError naming the pair when it fails."""
+    bin_dir = a.out / "data-bin"
+    bin_dir.mkdir(exist_ok=True)
+    shared_dict = a.out / "dict.txt"
+    write_fairseq_dict(a.out / "spm.vocab", shared_dict)
+    preprocess = Path(sys.executable).parent / "fairseq-preprocess"
+    for src, tgt in pairs:
+        cmd = [str(preprocess), "--source-lang", src, "--target-lang", tgt,
+               "--trainpref", f"{enc_dir}/train.{src}-{tgt}",
+               "--validpref", f"{enc_dir}/valid.{src}-{tgt}",
+               "--testpref", f"{enc_dir}/test.{src}-{tgt}",
+               "--destdir", str(bin_dir), "--srcdict", str(shared_dict),
+               "--tgtdict", str(shared_dict), "--workers", str(a.workers)]  # fmt: skip
+        print(f"prepare_data: binarising {src}-{tgt}", flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stdout + proc.stderr, file=sys.stderr)
+            raise DataError(f"fairseq-preprocess failed for {src}-{tgt}")
+    for lang in sorted({lang for pair in pairs for lang in pair}):  # dict.<lang>.txt for each
+        shutil.copy(shared_dict, bin_dir / f"dict.{lang}.txt")
+    return bin_dir
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", type=Path, required=True, help="folder of parallel text")
@@ -154,71 +215,21 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     a = p.parse_args(argv)
     try:
-        pairs = parse_pairs(a.pairs)
-        found = validate(a.raw, pairs)
-        if a.spm_model is not None and not a.spm_model.is_file():
-            raise DataError(f"--spm-model {a.spm_model}: no such sentencepiece model")
-        if a.spm_model is not None and not a.spm_model.with_suffix(".vocab").is_file():
-            raise DataError(
-                f"--spm-model {a.spm_model}: its vocabulary "
-                f"{a.spm_model.with_suffix('.vocab')} is missing"
-            )
+        pairs, found = check_inputs(a)
     except DataError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 2
-
     a.out.mkdir(parents=True, exist_ok=True)
-    langs = sorted({lang for pair in pairs for lang in pair})
-    model = a.out / "spm.model"
-    if a.spm_model is not None:
-        shutil.copy(a.spm_model, model)
-        shutil.copy(a.spm_model.with_suffix(".vocab"), a.out / "spm.vocab")
-    else:
-        train_files = sorted(
-            {f for (split, *_), (s, t, _) in found.items() if split == "train" for f in (s, t)}
-        )
-        print(
-            f"prepare_data: training sentencepiece ({a.vocab_size} pieces) on "
-            f"{len(train_files)} files",
-            flush=True,
-        )
-        train_spm(train_files, a.out / "spm", a.vocab_size, a.spm_max_sentences)
-
-    enc_dir = a.out / "spm"
-    enc_dir.mkdir(exist_ok=True)
-    for (split, src, tgt), (s, t, _) in found.items():
-        encode(model, s, enc_dir / f"{split}.{src}-{tgt}.{src}")
-        encode(model, t, enc_dir / f"{split}.{src}-{tgt}.{tgt}")
-
-    bin_dir = a.out / "data-bin"
-    bin_dir.mkdir(exist_ok=True)
-    shared_dict = a.out / "dict.txt"
-    write_fairseq_dict(a.out / "spm.vocab", shared_dict)
-    preprocess = Path(sys.executable).parent / "fairseq-preprocess"
-    for src, tgt in pairs:
-        prefix = enc_dir
-        cmd = [str(preprocess), "--source-lang", src, "--target-lang", tgt,
-               "--trainpref", f"{prefix}/train.{src}-{tgt}",
-               "--validpref", f"{prefix}/valid.{src}-{tgt}",
-               "--testpref", f"{prefix}/test.{src}-{tgt}",
-               "--destdir", str(bin_dir), "--srcdict", str(shared_dict),
-               "--tgtdict", str(shared_dict), "--workers", str(a.workers)]  # fmt: skip
-        print(f"prepare_data: binarising {src}-{tgt}", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stdout + proc.stderr, file=sys.stderr)
-            print(
-                f"prepare_data: error: fairseq-preprocess failed for {src}-{tgt}", file=sys.stderr
-            )
-            return 1
-    for lang in langs:  # fairseq wants dict.<lang>.txt for every language
-        shutil.copy(shared_dict, bin_dir / f"dict.{lang}.txt")
-
+    try:
+        bin_dir = binarise(a, pairs, sentencepiece(a, found))
+    except DataError as e:
+        print(f"prepare_data: error: {e}", file=sys.stderr)
+        return 1
     summary = {
-        "languages": langs,
+        "languages": sorted({lang for pair in pairs for lang in pair}),
         "pairs": [f"{s}-{t}" for s, t in pairs],
         "sentences": {f"{split}.{s}-{t}": n for (split, s, t), (_, _, n) in found.items()},
-        "spm": {"model": str(model), "vocab_size": a.vocab_size, "type": "unigram",
+        "spm": {"model": str(a.out / "spm.model"), "vocab_size": a.vocab_size, "type": "unigram",
                 "given": str(a.spm_model) if a.spm_model else None},
         "raw": str(a.raw),
     }  # fmt: skip

@@ -1,14 +1,48 @@
-"""What every ``*_moe`` criterion adds to its base criterion: the auxiliary losses, the routing
-logging outputs, and the routing monitor (``moe_monitor.py``). A criterion mixes in
-``MoECriterionMixin``, calls ``init_moe`` in ``__init__`` and ``add_moe`` in ``forward``."""
+"""What every ``*_moe`` criterion adds to its fairseq base criterion: the auxiliary losses, the
+routing metrics (``moe_metrics.py``), the routing monitor (``moe_monitor.py``), and a stop when
+a router produces NaN or inf logits.
+
+A criterion is ``class X(MoECriterionMixin, FairseqBaseCriterion)`` with a config that adds
+``MoECriterionConfig`` to the base's. The base's ``forward`` runs unchanged; the mixin reads the
+routing records from what the model returned to it (``net_output[1]["moe_records"]``), so the
+losses are those of the forward whose graph the loss goes through, with activation checkpointing
+too.
+
+Loss scaling. fairseq divides gradients by ``sample_size`` (target tokens, sentences with
+``--sentence-avg``, or sentences for classification), and a criterion's main loss is a *sum*
+over the sample. The auxiliary losses are means over tokens (Switch Transformer eq. 4-6, ST-MoE
+eq. 5), so they enter the summed loss multiplied by ``sample_size``; after fairseq's division the
+objective is ``main_loss / sample_size + sum_layers (w_balance * balance_l + w_z * z_l)``,
+independent of the batch size, as in the papers.
+"""
 
 from dataclasses import dataclass, field
 
+import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
-from .moe_aux import MoELossConfig, moe_aux_loss, moe_logging_output, moe_records_of
+from ..modules.record import MoERecord
+from .moe_metrics import moe_logging_output, reduce_moe_metrics
 from .moe_monitor import HealthThresholds, RoutingMonitor
+
+
+@dataclass
+class MoELossConfig(FairseqDataclass):
+    moe_balance_loss_weight: float = field(
+        default=0.01,
+        metadata={
+            "help": "weight of the Switch Transformer load-balancing loss (eq. 4-6), summed "
+            "over MoE layers; 0 disables it"
+        },
+    )
+    moe_z_loss_weight: float = field(
+        default=0.001,
+        metadata={
+            "help": "weight of the ST-MoE router z-loss (eq. 5), summed over MoE layers; "
+            "0 disables it"
+        },
+    )
 
 
 @dataclass
@@ -54,68 +88,117 @@ class MoECriterionConfig(MoELossConfig, MoEMonitorConfig):
     pass
 
 
-class MoECriterionMixin:
-    """Aux losses, routing logs and the routing monitor for a fairseq criterion."""
+class RouterLogitsError(FloatingPointError):
+    """A router produced NaN or inf logits: its routing, and every loss after it, is garbage."""
 
-    def init_moe(
-        self,
-        moe_balance_loss_weight: float,
-        moe_z_loss_weight: float,
-        moe_monitor_interval: int,
-        moe_monitor_low_load: float,
-        moe_monitor_high_load: float,
-        moe_monitor_collapse_share: float,
-        moe_balance_boost_factor: float,
-        moe_balance_boost_max: float,
-    ) -> None:
-        if moe_balance_loss_weight < 0 or moe_z_loss_weight < 0:
+
+class _OutputTap:
+    """The model as the base criterion sees it: calls go to the model and what they return is
+    kept in ``outputs``; every other attribute is the model's. Nothing is set on the model."""
+
+    def __init__(self, model):
+        self._model = model
+        self.outputs: list = []
+
+    def __call__(self, *args, **kwargs):
+        output = self._model(*args, **kwargs)
+        self.outputs.append(output)
+        return output
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def records_in(net_output) -> list[MoERecord]:
+    """The routing records a model put in its output (``net_output[1]["moe_records"]``)."""
+    if isinstance(net_output, (tuple, list)) and len(net_output) > 1:
+        extra = net_output[1]
+        if isinstance(extra, dict):
+            return list(extra.get("moe_records", []))
+    return []
+
+
+class MoECriterionMixin:
+    """Aux losses, routing logs, the routing monitor and the NaN stop, for a fairseq criterion.
+    ``__init__`` of the criterion calls ``init_moe(cfg)``."""
+
+    def init_moe(self, cfg: MoECriterionConfig) -> None:
+        weight, z_weight = cfg.moe_balance_loss_weight, cfg.moe_z_loss_weight
+        if weight < 0 or z_weight < 0:
             raise ValueError(
                 "--moe-balance-loss-weight and --moe-z-loss-weight must be >= 0, got "
-                f"{moe_balance_loss_weight} and {moe_z_loss_weight}"
+                f"{weight} and {z_weight}"
             )
-        if moe_balance_boost_factor > 1 and moe_balance_boost_max <= moe_balance_loss_weight:
+        if cfg.moe_balance_boost_factor > 1 and cfg.moe_balance_boost_max <= weight:
             raise ValueError(
-                f"--moe-balance-boost-factor {moe_balance_boost_factor} can never act: "
-                f"--moe-balance-boost-max ({moe_balance_boost_max}) must be above "
-                f"--moe-balance-loss-weight ({moe_balance_loss_weight})"
+                f"--moe-balance-boost-factor {cfg.moe_balance_boost_factor} can never act: "
+                f"--moe-balance-boost-max ({cfg.moe_balance_boost_max}) must be above "
+                f"--moe-balance-loss-weight ({weight})"
             )
-        self.moe_balance_loss_weight = moe_balance_loss_weight
-        self.moe_z_loss_weight = moe_z_loss_weight
+        self.moe_balance_loss_weight = weight
+        self.moe_z_loss_weight = z_weight
         self.moe_monitor = RoutingMonitor(
-            interval=moe_monitor_interval,
+            interval=cfg.moe_monitor_interval,
             thresholds=HealthThresholds(
-                low=moe_monitor_low_load,
-                high=moe_monitor_high_load,
-                collapse=moe_monitor_collapse_share,
+                low=cfg.moe_monitor_low_load,
+                high=cfg.moe_monitor_high_load,
+                collapse=cfg.moe_monitor_collapse_share,
             ),
-            boost_factor=moe_balance_boost_factor,
-            boost_max=moe_balance_boost_max,
+            boost_factor=cfg.moe_balance_boost_factor,
+            boost_max=cfg.moe_balance_boost_max,
         )
         self._moe_train_batches = 0  # fallback update counter for models without num_updates
         self._moe_epoch_meter_count = None
 
-    def add_moe(self, model, net_output, loss, sample_size, reduce: bool = True):
+    def forward(self, model, sample, reduce=True):
+        """The base criterion's forward, plus ``aux * sample_size`` in the loss and the routing
+        metrics in the logging output."""
+        tap = _OutputTap(model)
+        loss, sample_size, logging_output = super().forward(tap, sample, reduce=reduce)
+        records = [record for output in tap.outputs for record in records_in(output)]
+        loss, moe_logs = self.add_moe(model, records, loss, sample_size, reduce=reduce)
+        logging_output["loss"] = loss.data if reduce else loss.data.sum()
+        logging_output.update(moe_logs)
+        return loss, sample_size, logging_output
+
+    def add_moe(self, model, records: list[MoERecord], loss, sample_size, reduce: bool = True):
         """Add the aux term to ``loss`` and feed the monitor; returns the loss and the routing
         logging outputs. With ``reduce=False`` (per-token losses) the batch's aux term is spread
         evenly over the elements."""
-        records = moe_records_of(net_output)
+        num_updates = getattr(model, "num_updates", None)
+        self._stop_on_nonfinite_logits(records, num_updates, model.training)
         if model.training:
             self._moe_maybe_end_epoch()
             self._moe_train_batches += 1
-            num_updates = getattr(model, "num_updates", None)
             if num_updates is None:
                 num_updates = self._moe_train_batches - 1
-        else:
-            num_updates = 0
-        self.moe_monitor.observe(records, training=model.training, num_updates=num_updates)
+        self.moe_monitor.observe(records, training=model.training, num_updates=num_updates or 0)
 
-        aux = moe_aux_loss(records, self.moe_balance_loss_weight, self.moe_z_loss_weight)
-        if records and (self.moe_balance_loss_weight > 0 or self.moe_z_loss_weight > 0):
+        w_balance, w_z = self.moe_balance_loss_weight, self.moe_z_loss_weight
+        terms = [r.aux_loss(w_balance, w_z) for r in records]  # one scalar per MoE layer
+        aux = sum(terms[1:], terms[0]) if terms else torch.zeros(())
+        if records and (w_balance > 0 or w_z > 0):
             loss = loss + aux * sample_size / (1 if reduce else loss.numel())
         logs = moe_logging_output(records, aux, sample_size)
         if records and self.moe_monitor.boost_factor > 1:
-            logs["moe_balance_weight_x_ss"] = self.moe_balance_loss_weight * sample_size
+            logs["moe_balance_weight_x_ss"] = w_balance * sample_size
         return loss, logs
+
+    @staticmethod
+    def _stop_on_nonfinite_logits(records, num_updates, training: bool) -> None:
+        """Raise ``RouterLogitsError`` naming the first layer whose router logits were NaN or inf
+        (one host sync per batch for all layers)."""
+        if not records or bool(torch.stack([r.logits_finite for r in records]).all()):
+            return
+        bad = [r.layer for r in records if not bool(r.logits_finite)]
+        when = f"update {num_updates}" if training else f"validation after update {num_updates}"
+        raise RouterLogitsError(
+            f"MoE layer {bad[0]}: router logits contain NaN or inf at {when}"
+            + (f" (also in {', '.join(bad[1:])})" if len(bad) > 1 else "")
+            + "; training stops, as top-k routing on them would be meaningless. Usual causes: a "
+            "learning rate too high, fp16 overflow (try --bf16, or --fp16 with a lower "
+            "--fp16-init-scale), or NaN already in the layer's input"
+        )
 
     def _moe_maybe_end_epoch(self) -> None:
         """Detect the start of a new training epoch: fairseq's ``train.py`` resets the epoch-level
@@ -129,3 +212,12 @@ class MoECriterionMixin:
         previous, self._moe_epoch_meter_count = self._moe_epoch_meter_count, count
         if previous is not None and count < previous:
             self.moe_balance_loss_weight = self.moe_monitor.end_epoch(self.moe_balance_loss_weight)
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        reduce_moe_metrics(logging_outputs)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

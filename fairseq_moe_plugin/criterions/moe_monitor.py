@@ -9,7 +9,7 @@ Plain Python and torch (no fairseq), so it is testable alone; the MoE criteria o
   ``interval`` updates, then checked and reset. Update numbers come from the caller (the
   criterion reads the model's ``num_updates``).
 - Validation: counts of the batches seen in eval mode are summed and checked once the
-  validation is over, i.e. at the next training batch, or at ``flush()`` / interpreter exit for a
+  validation is over, i.e. at the next training batch, or at ``flush_validation()`` / interpreter exit for a
   final validation.
 - Thresholds, for a layer with E experts and shares s_e = count_e / sum(count):
   ``s_e < low / E`` or ``s_e > high / E`` is imbalance (a warning naming layer and experts);
@@ -22,22 +22,16 @@ Plain Python and torch (no fairseq), so it is testable alone; the MoE criteria o
 from __future__ import annotations
 
 import logging
-import re
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..modules.record import MoERecord
+from ..naming import short_name
+
 logger = logging.getLogger(__name__)
-
-
-def short_layer_name(name: str) -> str:
-    """``encoder.layers.3`` -> ``enc3``, ``decoder.layers.1`` -> ``dec1``; others unchanged."""
-    match = re.fullmatch(r"(encoder|decoder)\.layers\.(\d+)", name)
-    if match is None:
-        return name
-    return ("enc" if match.group(1) == "encoder" else "dec") + match.group(2)
 
 
 @dataclass
@@ -73,6 +67,14 @@ class LayerHealth:
     @property
     def collapsed(self) -> bool:
         return bool(self.unused) or self.collapsed_to is not None
+
+
+@dataclass
+class Check:
+    """One health check: where (which updates, or which validation) and each layer's verdict."""
+
+    where: str
+    layers: list[LayerHealth]
 
 
 def layer_health(layer: str, counts: Sequence[float], thresholds: HealthThresholds) -> LayerHealth:
@@ -150,7 +152,7 @@ class _Window:
         self.counts: dict[str, torch.Tensor] = {}
 
     def add(self, layer: str, counts: torch.Tensor) -> None:
-        layer = short_layer_name(layer)  # the name the logged metrics use
+        layer = short_name(layer)  # the name the logged metrics use
         counts = counts.detach()
         if layer in self.counts:
             self.counts[layer] = self.counts[layer] + counts
@@ -199,64 +201,61 @@ class RoutingMonitor:
         self._epoch_checks = 0  # training checks in this epoch
         self._epoch_imbalanced = 0  # ... of which found an imbalance
         self._epoch = 1
-        self.history: list[dict] = []  # every check: where, per-layer shares, verdicts
         # A final validation has no later training batch: check it when the process exits.
         self._finalizer = weakref.finalize(self, RoutingMonitor._flush_at_exit, weakref.ref(self))
 
     # -- feeding -------------------------------------------------------------------------------
-    def observe(self, records: Sequence[dict], training: bool, num_updates: int) -> None:
+    def observe(
+        self, records: Sequence[MoERecord], training: bool, num_updates: int
+    ) -> list[Check]:
         """Add a batch's routing records. In training, first close the window (or the pending
-        validation) that this update ends."""
+        validation) that this update ends. Returns the checks this call ran (often none)."""
+        checks = []
         if training:
-            self.flush_validation()
+            valid = self.flush_validation()
+            if valid is not None:
+                checks.append(valid)
             if self._window_start is None:
                 self._window_start = num_updates
             if self.interval > 0 and num_updates - self._window_start >= self.interval:
-                self._check_train_window(num_updates)
+                checks.append(self._check_train_window(num_updates))
             self._last_update = num_updates
             for record in records:
-                self._train.add(record["layer"], record["expert_counts_routed"])
+                self._train.add(record.layer, record.expert_counts_routed)
         else:
             self._valid_batches += 1
             for record in records:
-                self._valid.add(record["layer"], record["expert_counts_routed"])
+                self._valid.add(record.layer, record.expert_counts_routed)
+        return checks
 
     # -- checks --------------------------------------------------------------------------------
-    def _check(
-        self, counts: dict[str, torch.Tensor], where: str, reduce: bool
-    ) -> list[LayerHealth]:
+    def _check(self, counts: dict[str, torch.Tensor], where: str, reduce: bool) -> Check:
         summed = _counts_as_lists(counts, reduce)
         verdicts = [layer_health(layer, c, self.thresholds) for layer, c in summed.items()]
         for health in verdicts:
             for line in health_messages(health, where, self.thresholds):
                 self._warn(line)
-        self.history.append(
-            {
-                "where": where,
-                "shares": {h.layer: h.shares for h in verdicts},
-                "imbalanced": [h.layer for h in verdicts if h.imbalanced],
-                "collapsed": [h.layer for h in verdicts if h.collapsed],
-            }
-        )
-        return verdicts
+        return Check(where, verdicts)
 
-    def _check_train_window(self, num_updates: int) -> None:
+    def _check_train_window(self, num_updates: int) -> Check:
         where = f"train, updates {self._window_start + 1}-{num_updates}"
-        verdicts = self._check(self._train.take(), where, reduce=True)
+        check = self._check(self._train.take(), where, reduce=True)
         self._window_start = num_updates
-        if verdicts:
+        if check.layers:
             self._epoch_checks += 1
-            self._epoch_imbalanced += any(h.imbalanced for h in verdicts)
+            self._epoch_imbalanced += any(h.imbalanced for h in check.layers)
+        return check
 
-    def flush_validation(self) -> None:
-        """Check the counts of the validation batches seen since the last training batch. In
-        distributed training this is the worker's own share of the validation set: workers may
-        see different numbers of batches, so no collective is run (rank 0 writes)."""
+    def flush_validation(self) -> Check | None:
+        """Check the counts of the validation batches seen since the last training batch (None
+        when there were none). In distributed training this is the worker's own share of the
+        validation set: workers may see different numbers of batches, so no collective is run
+        (rank 0 writes)."""
         if self._valid_batches == 0:
-            return
+            return None
         where = f"valid after update {self._last_update}, {self._valid_batches} batches"
         self._valid_batches = 0
-        self._check(self._valid.take(), where, reduce=False)
+        return self._check(self._valid.take(), where, reduce=False)
 
     @staticmethod
     def _flush_at_exit(ref) -> None:

@@ -1,5 +1,6 @@
-"""The MoE options of ``moe_transformer`` (and later MoE models): one dataclass, with help text,
-from which the command-line flags and the README's flags table are generated."""
+"""The MoE options of ``moe_transformer`` and ``moe_roberta``: one dataclass, with help text,
+from which the command-line flags and the README's flags table are generated, and their
+validation."""
 
 import logging
 from argparse import Namespace
@@ -8,6 +9,8 @@ from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import get_available_activation_fns
+
+from ..modules.gate import check_routing_options
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +136,16 @@ def is_moe_layer(layer_index: int, freq: int) -> bool:
 
 
 def validate_moe_args(args: Namespace) -> None:
-    """Reject impossible MoE settings with a message that names the flag."""
-    E, k = args.moe_expert_count, args.moe_top_k
+    """Reject impossible MoE settings with a message that names the arch in use and the flag."""
+    arch = getattr(args, "arch", None) or "moe"
 
     def fail(msg: str) -> None:
-        raise ValueError(f"moe_transformer: {msg}")
+        raise ValueError(f"{arch}: {msg}")
 
-    if E < 1:
-        fail(f"--moe-expert-count must be >= 1, got {E}")
-    if not 1 <= k <= E:
-        fail(f"--moe-top-k must be between 1 and --moe-expert-count ({E}), got {k}")
+    try:  # E, k and jitter: the one check the gate and the experts use too
+        check_routing_options(args.moe_expert_count, args.moe_top_k, args.moe_jitter_eps)
+    except ValueError as err:
+        fail(str(err))
     for flag in ("encoder_moe_freq", "decoder_moe_freq"):
         if getattr(args, flag) < 0:
             fail(
@@ -151,16 +154,9 @@ def validate_moe_args(args: Namespace) -> None:
             )
     if args.moe_expert_ffn_dim is not None and args.moe_expert_ffn_dim < 1:
         fail(f"--moe-expert-ffn-dim must be >= 1, got {args.moe_expert_ffn_dim}")
-    if not 0.0 <= args.moe_jitter_eps < 1.0:
-        fail(f"--moe-jitter-eps must be in [0, 1), got {args.moe_jitter_eps}")
     activation = args.moe_activation_fn
     if activation is not None and str(activation) not in get_available_activation_fns():
         fail(f"--moe-activation-fn {activation!r} is not one of {get_available_activation_fns()}")
-    if getattr(args, "scale_fc", False) and args.decoder_moe_freq > 0:
-        fail(
-            "--scale-fc (a LayerNorm inside the dense FFN) cannot be combined with MoE "
-            "decoder layers; set --decoder-moe-freq 0 or drop --scale-fc"
-        )
     for side in ("encoder", "decoder"):
         freq, layers = getattr(args, f"{side}_moe_freq"), getattr(args, f"{side}_layers", None)
         if layers is not None and freq > layers:  # encoder-only models have no decoder
@@ -175,7 +171,7 @@ def validate_moe_args(args: Namespace) -> None:
             "weighted by raw router probabilities (about 1/E at first), so the upcycled model "
             "does not start from what the dense model computes"
         )
-    if k == 1 and args.moe_normalize_top_k:
+    if args.moe_top_k == 1 and args.moe_normalize_top_k:
         logger.warning(
             "--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "
             "the router then learns only from the balance and z losses"

@@ -22,7 +22,8 @@ from fairseq.utils import safe_hasattr
 
 from ..modules.experts import StackedExperts
 from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
-from .moe_transformer import MoETransformerEncoder, NumUpdatesMixin
+from .moe_encoder_decoder import MoETransformerEncoder
+from .moe_transformer import NumUpdatesMixin
 from .upcycle import maybe_upcycle
 
 
@@ -73,6 +74,11 @@ class MoERobertaModel(NumUpdatesMixin, RobertaModel):
     def add_args(parser):
         RobertaModel.add_args(parser)
         gen_parser_from_dataclass(parser, MoEConfig(), delete_default=True, with_prefix="")
+        # fairseq's roberta does not offer these, though its encoder (TransformerConfig) reads
+        # them; moe_transformer has them from fairseq's transformer.
+        for name in ("checkpoint_activations", "offload_activations"):
+            help_text = TransformerConfig.__dataclass_fields__[name].metadata["help"]
+            parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
 
     @classmethod
     def build_model(cls, args, task):
@@ -91,6 +97,10 @@ class MoERobertaModel(NumUpdatesMixin, RobertaModel):
 def moe_roberta_architecture(args):
     moe_config_defaults(args)
     roberta_base_architecture(args)
+    args.checkpoint_activations = getattr(args, "checkpoint_activations", False)
+    args.offload_activations = getattr(args, "offload_activations", False)
+    if args.offload_activations:
+        args.checkpoint_activations = True  # offloading implies checkpointing, as in fairseq
 
 
 @register_model_architecture("moe_roberta", "moe_roberta_base")

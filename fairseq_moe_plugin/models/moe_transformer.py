@@ -3,22 +3,17 @@
 Every ``--encoder-moe-freq``-th encoder layer and ``--decoder-moe-freq``-th decoder layer has an
 MoE FFN; with both at 0 the model is fairseq's ``transformer``, parameter for parameter.
 
-The per-layer routing records travel in the model output:
-``encoder_out["moe_records"]`` (kept through ``reorder_encoder_out`` during beam search) and
-``decoder_out[1]["moe_records"]``; ``MoETransformerModel.forward`` puts the encoder's records
-first in the latter, which is what the criterion reads.
+The per-layer routing records travel in the model output (``moe_encoder_decoder.py``):
+``encoder_out["moe_records"]`` and ``decoder_out[1]["moe_records"]``;
+``MoETransformerModel.forward`` puts the encoder's records first in the latter, which is what the
+criteria read.
 """
 
 from __future__ import annotations
 
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
-from fairseq.models.transformer import (
-    TransformerConfig,
-    TransformerDecoderBase,
-    TransformerEncoderBase,
-    TransformerModel,
-)
+from fairseq.models.transformer import TransformerConfig, TransformerModel
 from fairseq.models.transformer.transformer_legacy import (
     base_architecture,
     tiny_architecture,
@@ -26,144 +21,10 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_wmt_en_de,
     transformer_wmt_en_de_big,
 )
-from torch import Tensor
 
-from ..modules.moe_transformer_layer import (
-    MoETransformerDecoderLayer,
-    MoETransformerEncoderLayer,
-    wrap_layer_like_fairseq,
-)
-from .moe_config import (
-    MoEConfig,
-    is_moe_layer,
-    moe_config_defaults,
-    moe_config_from_namespace,
-    validate_moe_args,
-)
+from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
+from .moe_encoder_decoder import MoETransformerDecoder, MoETransformerEncoder
 from .upcycle import maybe_upcycle
-
-
-def _collect_records(layers) -> list[dict]:
-    """Move the records the MoE layers produced in this forward out of the layers."""
-    records = []
-    for layer in layers:
-        record = getattr(layer, "moe_record", None)
-        if record is not None:
-            records.append(record)
-            layer.moe_record = None
-    return records
-
-
-def _clear_records(layers) -> None:
-    # LayerDrop may skip a layer: a record left from an earlier forward must not be read.
-    for layer in layers:
-        if getattr(layer, "moe_record", None) is not None:
-            layer.moe_record = None
-
-
-def _next_layer(stack, freq: int) -> tuple[int, bool]:
-    """The index of the layer ``stack`` is about to build, and whether it is an MoE layer.
-
-    fairseq's encoder/decoder ``__init__`` call ``build_*_layer(cfg)`` once per layer without
-    the index, so the stack counts (``_layers_built`` is set before the base ``__init__``)."""
-    index = stack._layers_built
-    stack._layers_built += 1
-    return index, is_moe_layer(index, freq)
-
-
-class MoETransformerEncoder(TransformerEncoderBase):
-    def __init__(
-        self,
-        cfg: TransformerConfig,
-        moe_cfg: MoEConfig,
-        dictionary,
-        embed_tokens,
-        return_fc: bool = False,
-    ):
-        self.moe_cfg = moe_cfg
-        self._layers_built = 0
-        super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
-
-    def build_encoder_layer(self, cfg):
-        index, moe = _next_layer(self, self.moe_cfg.encoder_moe_freq)
-        if not moe:
-            return super().build_encoder_layer(cfg)
-        layer = MoETransformerEncoderLayer(
-            cfg, self.moe_cfg, name=f"encoder.layers.{index}", return_fc=self.return_fc
-        )
-        return wrap_layer_like_fairseq(layer, cfg)
-
-    def forward_scriptable(
-        self,
-        src_tokens,
-        src_lengths: Tensor | None = None,
-        return_all_hiddens: bool = False,
-        token_embeddings: Tensor | None = None,
-    ):
-        _clear_records(self.layers)
-        encoder_out = super().forward_scriptable(
-            src_tokens, src_lengths, return_all_hiddens, token_embeddings
-        )
-        encoder_out["moe_records"] = _collect_records(self.layers)
-        return encoder_out
-
-    def reorder_encoder_out(self, encoder_out: dict[str, list[Tensor]], new_order):
-        # fairseq rebuilds the dict with a fixed key set; the records are batch totals, so they
-        # are carried over unchanged.
-        reordered = super().reorder_encoder_out(encoder_out, new_order)
-        reordered["moe_records"] = encoder_out.get("moe_records", [])
-        return reordered
-
-
-class MoETransformerDecoder(TransformerDecoderBase):
-    def __init__(
-        self,
-        cfg: TransformerConfig,
-        moe_cfg: MoEConfig,
-        dictionary,
-        embed_tokens,
-        no_encoder_attn: bool = False,
-        output_projection=None,
-    ):
-        self.moe_cfg = moe_cfg
-        self._layers_built = 0
-        super().__init__(
-            cfg,
-            dictionary,
-            embed_tokens,
-            no_encoder_attn=no_encoder_attn,
-            output_projection=output_projection,
-        )
-
-    def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
-        index, moe = _next_layer(self, self.moe_cfg.decoder_moe_freq)
-        if not moe:
-            return super().build_decoder_layer(cfg, no_encoder_attn)
-        layer = MoETransformerDecoderLayer(
-            cfg, self.moe_cfg, name=f"decoder.layers.{index}", no_encoder_attn=no_encoder_attn
-        )
-        return wrap_layer_like_fairseq(layer, cfg)
-
-    def extract_features_scriptable(
-        self,
-        prev_output_tokens,
-        encoder_out,
-        incremental_state=None,
-        full_context_alignment: bool = False,
-        alignment_layer: int | None = None,
-        alignment_heads: int | None = None,
-    ):
-        _clear_records(self.layers)
-        x, extra = super().extract_features_scriptable(
-            prev_output_tokens,
-            encoder_out,
-            incremental_state,
-            full_context_alignment,
-            alignment_layer,
-            alignment_heads,
-        )
-        extra["moe_records"] = _collect_records(self.layers)
-        return x, extra
 
 
 class NumUpdatesMixin:

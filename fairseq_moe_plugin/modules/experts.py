@@ -14,24 +14,23 @@ Plain arguments; no fairseq needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .gate import check_routing_options
 from .grad_buffers import GradientBuffers
 from .grouped_ffn import DispatchPlan, grouped_expert_ffn
 
-_ACTIVATIONS = ("relu", "relu_squared", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear")
+_ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear")
 
 
 def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The activations fairseq's ``utils.get_activation_fn`` knows, without importing fairseq."""
     if name == "relu":
         return F.relu
-    if name == "relu_squared":
-        return lambda x: F.relu(x).pow(2)
     if name == "gelu":
         return F.gelu
     if name in ("gelu_fast", "gelu_accurate"):
@@ -67,8 +66,7 @@ class StackedExperts(nn.Module):
         reuse_grad_buffers: bool = True,
     ):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        check_routing_options(num_experts)
         if d_ff < 1:
             raise ValueError(f"expert FFN size must be >= 1, got {d_ff}")
         self.num_experts = num_experts
@@ -99,41 +97,30 @@ class StackedExperts(nn.Module):
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])  # M x d_model
 
     def forward(
-        self,
-        x: torch.Tensor,
-        plan: DispatchPlan | torch.Tensor | Sequence[int],
-        weight: torch.Tensor | None = None,
+        self, x: torch.Tensor, plan: DispatchPlan, weight: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Grouped FFN over the assignments of ``plan``, combined per token.
 
         Args:
-            x: N x d_model tokens; for a presorted plan, M x d_model rows sorted by expert.
-            plan: a ``DispatchPlan``, or E counts (a presorted plan: the first ``counts[0]`` rows
-                go to expert 0, the next to expert 1, ...).
+            x: N x d_model tokens.
+            plan: where each kept (token, choice) assignment goes (``DispatchPlan``).
             weight: N x k combine weights (0 where dropped); None means 1.
         Returns:
             N x d_model: row t is ``sum_j weight[t, j] * expert(x[t])`` over t's kept choices
-            (zero for a token with none), or the M expert outputs for a presorted plan; in the
-            experts' compute dtype (the autocast dtype under autocast, else the weights' dtype).
+            (zero for a token with none), in the experts' compute dtype (the autocast dtype
+            under autocast, else the weights' dtype).
         """
-        if not isinstance(plan, DispatchPlan):
-            counts = plan.tolist() if torch.is_tensor(plan) else list(plan)
-            plan = DispatchPlan.presorted(counts)
-        num_rows = x.shape[0] if plan.token_index is None else plan.token_index.shape[0]
-        if len(plan.tokens_per_expert) != self.num_experts or plan.num_rows != num_rows:
+        num_tokens, k = plan.combine_index.shape
+        if len(plan.tokens_per_expert) != self.num_experts or num_tokens != x.shape[0]:
             raise ValueError(
-                f"tokens_per_expert must have {self.num_experts} entries summing to {num_rows} "
-                f"(the number of assignments), got {plan.tokens_per_expert}"
+                f"the plan's tokens_per_expert must have {self.num_experts} entries (one per "
+                f"expert) and cover the {x.shape[0]} tokens of x; it has "
+                f"{len(plan.tokens_per_expert)} entries for {num_tokens} tokens"
             )
-        if weight is not None and (
-            plan.combine_index is None or weight.shape != plan.combine_index.shape
-        ):
-            expected = (
-                "none for presorted rows"
-                if plan.combine_index is None
-                else (f"shape {tuple(plan.combine_index.shape)}")
+        if weight is not None and weight.shape != (num_tokens, k):
+            raise ValueError(
+                f"combine weights must have shape {(num_tokens, k)}, got {tuple(weight.shape)}"
             )
-            raise ValueError(f"combine weights must have {expected}, got {tuple(weight.shape)}")
         params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):

@@ -72,6 +72,25 @@ def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1)
 
 
+def check_routing_options(num_experts: int, k: int = 1, jitter_eps: float = 0.0) -> None:
+    """The one check of the routing sizes (the gate, the experts and the model config call it).
+
+    Raises ValueError naming the option both ways, as the gate's argument and as the flag, e.g.
+    ``top-k (--moe-top-k) must be between 1 and the number of experts (4), got 5``; the model
+    config prefixes the arch in use."""
+    if num_experts < 1:
+        raise ValueError(
+            f"the number of experts num_experts (--moe-expert-count) must be >= 1, got {num_experts}"
+        )
+    if not 1 <= k <= num_experts:
+        raise ValueError(
+            f"top-k (--moe-top-k) must be between 1 and the number of experts ({num_experts}), "
+            f"got {k}"
+        )
+    if not 0.0 <= jitter_eps < 1.0:
+        raise ValueError(f"jitter_eps (--moe-jitter-eps) must be in [0, 1), got {jitter_eps}")
+
+
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
     """``ceil(capacity_factor * k * num_tokens / num_experts)``, or ``num_tokens`` (every
     assignment fits) when ``capacity_factor <= 0`` (dropless)."""
@@ -122,6 +141,7 @@ class GateOutput:
     expert_weight: torch.Tensor  # N x k combine weights (renormalised if asked), 0 where dropped
     keep: torch.Tensor  # N x k bool, False where capacity dropped the assignment
     capacity: int  # per-expert capacity used (N when dropless)
+    logits_finite: torch.Tensor  # scalar bool: no logit is NaN or inf (checked by the criterion)
     balance_loss: torch.Tensor  # scalar, Switch eq. 4-6
     z_loss: torch.Tensor  # scalar, ST-MoE eq. 5
 
@@ -158,12 +178,7 @@ class TopKGate(nn.Module):
         jitter_eps: float = 0.0,
     ):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"top-k must satisfy 1 <= k <= num_experts ({num_experts}), got {k}")
-        if jitter_eps < 0 or jitter_eps >= 1:
-            raise ValueError(f"jitter_eps must be in [0, 1), got {jitter_eps}")
+        check_routing_options(num_experts, k, jitter_eps)
         self.num_experts = num_experts
         self.k = k
         self.normalize_top_k = normalize_top_k
@@ -197,6 +212,7 @@ class TopKGate(nn.Module):
                 expert_weight=weight,
                 keep=keep,
                 capacity=capacity,
+                logits_finite=torch.isfinite(logits.detach()).all(),
                 balance_loss=load_balance_loss(probs, top_index),
                 z_loss=router_z_loss(logits),
             )

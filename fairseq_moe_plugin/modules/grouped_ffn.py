@@ -26,7 +26,6 @@ pattern as ``naive_loop``). Here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,14 +41,13 @@ _GELU_APPROXIMATION = {"gelu": "none", "gelu_fast": "tanh", "gelu_accurate": "ta
 class DispatchPlan:
     """Where each kept (token, choice) assignment is computed, and the way back.
 
-    ``tokens_per_expert[e]`` consecutive rows go to expert e. For rows that are tokens already
-    sorted by expert (``presorted``), the three index tensors are None.
+    ``tokens_per_expert[e]`` consecutive rows go to expert e.
     """
 
     tokens_per_expert: list[int]  # E host ints summing to M
-    order: torch.Tensor | None = None  # M flat assignment ids (token * k + choice), by expert
-    token_index: torch.Tensor | None = None  # M, the token of each row (order // k)
-    combine_index: torch.Tensor | None = None  # N x k, each choice's row; M where dropped
+    order: torch.Tensor  # M flat assignment ids (token * k + choice), by expert
+    token_index: torch.Tensor  # M, the token of each row (order // k)
+    combine_index: torch.Tensor  # N x k, each choice's row; M where dropped
 
     @classmethod
     def from_routing(
@@ -71,12 +69,6 @@ class DispatchPlan:
             combine_index=combine_index.view(num_tokens, k),
         )
 
-    @classmethod
-    def presorted(cls, tokens_per_expert: Sequence[int]) -> DispatchPlan:
-        """Input rows that are already the assignments, sorted by expert; output row m is
-        row m's expert output."""
-        return cls(tokens_per_expert=list(tokens_per_expert))
-
     @property
     def num_rows(self) -> int:
         return sum(self.tokens_per_expert)
@@ -92,9 +84,6 @@ def _activate(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a, a
     if name == "linear":
         return z, z
-    if name == "relu_squared":
-        r = z.relu_()
-        return r * r, r
     if name in _GELU_APPROXIMATION:
         return F.gelu(z, approximate=_GELU_APPROXIMATION[name]), z
     raise ValueError(f"unknown activation {name!r}")
@@ -111,8 +100,6 @@ def _activation_backward(
         return saved, aten.tanh_backward.grad_input(grad_a, saved, grad_input=grad_a)
     if name == "linear":
         return saved, grad_a
-    if name == "relu_squared":  # saved = relu(z); a = r^2, da/dz = 2 r
-        return saved * saved, grad_a.mul_(saved).mul_(2.0)
     approximate = _GELU_APPROXIMATION[name]
     a = F.gelu(saved, approximate=approximate)
     dz = aten.gelu_backward.grad_input(grad_a, saved, approximate=approximate, grad_input=grad_a)
@@ -159,10 +146,7 @@ class _ExpertRows:
         self.buffer: torch.Tensor | None = None  # allocated on first use
 
     def rows(self, source: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Rows start:end of the plan taken from ``source`` (N x C); for a presorted plan, a
-        view of ``source`` itself (not to be written)."""
-        if self.index is None:
-            return source[start:end]
+        """Rows start:end of the plan taken from ``source`` (N x C), in the reused buffer."""
         if self.buffer is None:
             self.buffer = source.new_empty(self.largest, source.shape[1])
         out = self.buffer[: end - start]
@@ -170,7 +154,7 @@ class _ExpertRows:
 
 
 def _grouped_forward(
-    x: torch.Tensor,  # N x C (M x C when presorted)
+    x: torch.Tensor,  # N x C
     plan: DispatchPlan,
     weight: torch.Tensor | None,  # N x k combine weights (0 where dropped); None: all ones
     fc1_weight: torch.Tensor,  # E x F x C
@@ -207,10 +191,7 @@ def _grouped_forward(
         if for_backward:
             saved.append(keep)
         torch.addmm(fc2_bias[e], a, fc2_weight[e].t(), out=out[start:end])  # count x C
-    if plan.combine_index is None:
-        y = out[:rows].clone()  # presorted: row m is row m's expert output
-    else:
-        y = _combine(out, plan.combine_index, weight)  # N x C
+    y = _combine(out, plan.combine_index, weight)  # N x C
     return y, out, saved, masks
 
 
@@ -242,7 +223,7 @@ class _GroupedExpertFFN(torch.autograd.Function):
         ctx.save_for_backward(
             x, weight, fc1_weight, fc1_bias, fc2_weight, fc2_bias, out, *saved, *masks
         )
-        return y  # N x C (M x C when presorted)
+        return y  # N x C
 
     @staticmethod
     @once_differentiable
@@ -301,11 +282,8 @@ class _GroupedExpertFFN(torch.autograd.Function):
             grad_weight = grad_weight.view_as(weight)
         grad_x = None
         if need_x:
-            if plan.combine_index is None:
-                grad_x = dxs[:rows]
-            else:
-                dxs[rows].zero_()
-                grad_x = _combine(dxs, plan.combine_index, None)  # N x C
+            dxs[rows].zero_()
+            grad_x = _combine(dxs, plan.combine_index, None)  # N x C
         return grad_x, grad_weight, dw1, db1, dw2, db2, None, None, None, None
 
 
@@ -324,20 +302,18 @@ def grouped_expert_ffn(
     """Run E stacked FFN experts on the assignments of ``plan`` and combine them per token.
 
     Args:
-        x: N x C tokens (for a ``presorted`` plan: M x C rows sorted by expert).
+        x: N x C tokens.
         plan: the assignments, sorted by expert (``DispatchPlan``).
         fc1_weight, fc1_bias, fc2_weight, fc2_bias: E x F x C, E x F, E x C x F, E x C.
         activation: a name from ``experts.get_activation_fn``.
-        weight: N x k combine weights (None: 1; must be None for a presorted plan).
+        weight: N x k combine weights (None: 1).
         dropout_p: activation dropout probability (pass 0 outside training).
         grad_buffers: where backward takes the weight-gradient buffers (``fc1_weight`` and
             ``fc2_weight``) from; None allocates fresh ones.
     Returns:
         N x C: row t is ``sum_j weight[t, j] * expert(x[t])`` over t's kept choices j (zero for a
-        token with none); for a presorted plan, M x C expert outputs.
+        token with none).
     """
-    if plan.combine_index is None and weight is not None:
-        raise ValueError("a presorted DispatchPlan takes no combine weights")
     params = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     tensors = (x, weight, *params)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

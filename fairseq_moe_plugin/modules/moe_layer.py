@@ -15,30 +15,7 @@ import torch.nn as nn
 from .experts import StackedExperts
 from .gate import GateOutput, TopKGate, routing_entropy
 from .grouped_ffn import DispatchPlan
-
-MoERecord = dict[str, object]
-"""Per-layer routing record (all tensors detached except the two losses):
-
-- ``layer`` (str): the layer's name, e.g. ``encoder.layers.1``
-- ``balance_loss`` (scalar, differentiable): Switch Transformer eq. 4-6
-- ``z_loss`` (scalar, differentiable): ST-MoE eq. 5
-- ``expert_counts`` (E, long): assignments each expert computed (after capacity)
-- ``expert_counts_routed`` (E, long): assignments the router chose (before capacity)
-- ``dropped`` (scalar long): assignments dropped by capacity
-- ``dropped_tokens`` (scalar long): tokens all of whose k assignments were dropped
-- ``routed_tokens`` (scalar long): non-padding tokens routed
-- ``entropy`` (scalar float): mean routing entropy over routed tokens (nats)
-- ``k`` (int): experts per token
-- ``expert_index`` (N x k, long): each routed token's experts, best first (detached)
-- ``expert_weight`` (N x k, float): their combine weights, 0 where dropped (detached)
-- ``token_entropy`` (N, float): each routed token's routing entropy (nats)
-- ``token_index`` (N, long) or None: where the routed tokens are in the layer input flattened
-  over its leading dims (e.g. ``t * B + b`` for a T x B x C input); None when no padding mask
-  was given (then token i is flat position i)
-- ``input_shape`` (tuple): the layer input's leading shape (e.g. ``(T, B)``)
-
-The per-token entries (N = non-padding tokens) are what ``scripts/expert_usage.py`` reads.
-"""
+from .record import MoERecord
 
 
 class MoELayer(nn.Module):
@@ -107,29 +84,28 @@ class MoELayer(nn.Module):
         input_shape: tuple,
     ) -> MoERecord:
         num_tokens, k = gate_out.expert_index.shape
-        index = gate_out.expert_index.detach()
-        routed = torch.bincount(index.reshape(-1), minlength=self.num_experts)
-        kept = torch.tensor(plan.tokens_per_expert, device=index.device)
+        index = gate_out.expert_index.detach()  # N x k
         with torch.no_grad():
             token_entropy = routing_entropy(gate_out.probs.detach())  # N
             entropy = token_entropy.mean() if num_tokens else token_entropy.new_zeros(())
-        return {
-            "layer": self.name,
-            "balance_loss": gate_out.balance_loss,
-            "z_loss": gate_out.z_loss,
-            "expert_counts": kept,
-            "expert_counts_routed": routed,
-            "dropped": (~gate_out.keep).sum(),
-            "dropped_tokens": gate_out.dropped_token_mask.sum(),
-            "routed_tokens": torch.tensor(num_tokens, device=index.device),
-            "entropy": entropy.float(),
-            "k": k,
-            "expert_index": index,
-            "expert_weight": gate_out.expert_weight.detach(),
-            "token_entropy": token_entropy,
-            "token_index": token_index,
-            "input_shape": input_shape,
-        }
+        return MoERecord(
+            layer=self.name,
+            balance_loss=gate_out.balance_loss,
+            z_loss=gate_out.z_loss,
+            expert_counts=torch.tensor(plan.tokens_per_expert, device=index.device),
+            expert_counts_routed=torch.bincount(index.reshape(-1), minlength=self.num_experts),
+            dropped=(~gate_out.keep).sum(),
+            dropped_tokens=gate_out.dropped_token_mask.sum(),
+            routed_tokens=torch.tensor(num_tokens, device=index.device),
+            entropy=entropy.float(),
+            logits_finite=gate_out.logits_finite,
+            k=k,
+            expert_index=index,
+            expert_weight=gate_out.expert_weight.detach(),
+            token_entropy=token_entropy,
+            token_index=token_index,
+            input_shape=input_shape,
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

@@ -1,33 +1,39 @@
 """fairseq transformer encoder/decoder layers whose feed-forward block is an MoE layer.
 
-fairseq's layers compute their FFN inline as ``fc2(activation_dropout(activation_fn(fc1(x))))``.
-Rather than copy fairseq's attention code, these subclasses keep fairseq's ``forward`` untouched
-and route that one expression to the MoE layer: ``fc1`` becomes the MoE FFN (each expert applies
-its own activation and activation dropout), and ``activation_fn``, ``activation_dropout_module``
-and ``fc2`` become identities. Residual, dropout and layer norms stay exactly fairseq's.
+Each layer is fairseq's (same attention modules, layer norms, dropout and residuals, same state
+dict names apart from the FFN) with its own ``forward``, which returns the layer's routing record
+beside fairseq's outputs, all tensors (sequence-first, fairseq's order):
 
-The MoE FFN needs the padding mask, which fairseq gives to the layer's ``forward`` but not to
-``fc1``; ``forward`` holds it for the duration of the call. After each call the layer's routing
-record is in ``layer.moe_record``, from where the encoder/decoder moves it into the model output.
+- encoder layer: ``(x, fc_result, record)``; ``x`` is T x B x C, ``fc_result`` the MoE block's
+  output before dropout when built with ``return_fc`` (else None);
+- decoder layer: ``(x, attn, self_attn_state, record)``, fairseq's three outputs and the record.
+
+Nothing is kept on the module between calls: the padding mask goes to the MoE layer as an
+argument and the record leaves as a return value, so activation checkpointing (which re-runs the
+forward in backward, ``checkpointing.py``) and FSDP see the record of the forward they run.
+The attention blocks follow fairseq's ``TransformerEncoderLayerBase.forward`` and
+``TransformerDecoderLayerBase.forward`` line for line (incremental state, cross-self-attention,
+pre- or post-norm), so that a layer with one expert computes what fairseq's dense layer computes
+(``tests/test_upcycle.py``). fairseq's NormFormer extras (``scale_attn``, ``scale_heads``,
+``scale_fc``, ``scale_resids``) are not options of fairseq's transformer config; a config that
+sets them is refused.
 """
 
 from __future__ import annotations
 
 import torch
 from fairseq.distributed import fsdp_wrap
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import (
     TransformerDecoderLayerBase,
     TransformerEncoderLayerBase,
 )
+from torch import Tensor
 
+from .checkpointing import checkpointed
 from .experts import StackedExperts
 from .gate import TopKGate
-from .moe_layer import MoELayer, MoERecord
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+from .moe_layer import MoELayer
+from .record import MoERecord
 
 
 def build_moe_layer(
@@ -54,85 +60,256 @@ def build_moe_layer(
     return MoELayer(gate, experts, name=name)
 
 
-def wrap_layer_like_fairseq(layer, cfg):
-    """Activation checkpointing and FSDP wrapping exactly as fairseq's ``build_*_layer`` do."""
-    checkpoint = cfg.checkpoint_activations
-    if checkpoint:
-        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-    min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
+def fsdp_wrap_like_fairseq(layer, cfg):
+    """FSDP wrapping as fairseq's ``build_*_layer`` do (a no-op outside FSDP training)."""
+    min_params_to_wrap = cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0
     return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
 
-class _MoEFFNMixin:
-    """Swaps the dense FFN of a fairseq transformer layer for ``self.moe``."""
+class _MoEFFNBlock:
+    """What both layers share: the MoE layer in place of the dense FFN, the FFN block, and
+    activation checkpointing of the whole layer."""
 
     moe: MoELayer
-    moe_record: MoERecord | None
 
-    def _install_moe(self, moe: MoELayer) -> None:
-        # The dense FFN built by fairseq's __init__ is discarded; its modules are unregistered so
-        # that the state dict holds only the MoE parameters (``moe.gate.*``, ``moe.experts.*``).
-        del self.fc1, self.fc2, self.activation_dropout_module
-        self.moe = moe
-        self.fc1 = self._moe_ffn  # T x B x C -> T x B x C
-        self.fc2 = _identity
-        self.activation_fn = _identity
-        self.activation_dropout_module = _identity
-        self.moe_record = None
-        self._padding_mask: torch.Tensor | None = None  # B x T, set during forward
+    def _install_moe(self, cfg, moe_cfg, side_cfg, name: str) -> None:
+        """Build the MoE layer (``side_cfg``: ``cfg.encoder`` or ``cfg.decoder``) in place of
+        the dense FFN fairseq's __init__ built, which is unregistered so that the state dict
+        holds only the MoE parameters (``moe.gate.*``, ``moe.experts.*``)."""
+        del self.fc1, self.fc2, self.activation_dropout_module, self.activation_fn
+        activation_dropout = float(cfg.activation_dropout or cfg.relu_dropout or 0.0)
+        self.moe = build_moe_layer(
+            moe_cfg,
+            side_cfg.embed_dim,
+            side_cfg.ffn_embed_dim,
+            cfg.activation_fn,
+            activation_dropout,
+            name,
+        )
+        self.checkpoint_activations = bool(cfg.checkpoint_activations)
+        self.offload_activations = bool(cfg.offload_activations)
 
-    def _moe_ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """x: T x B x C (time-major)."""
-        mask = self._padding_mask  # B x T or None
-        y, self.moe_record = self.moe(x, None if mask is None else mask.t())  # mask: T x B
-        return y
+    def forward(self, *args, **kwargs):
+        if self.checkpoint_activations:
+            return checkpointed(self.forward_layer, self.offload_activations, *args, **kwargs)
+        return self.forward_layer(*args, **kwargs)
+
+    def _residual_block(self, x: Tensor, layer_norm, fn) -> tuple[Tensor, object]:
+        """fairseq's residual sub-block around ``fn`` (which returns its output and an extra):
+        ``x + dropout(fn(LN(x)))`` with ``normalize_before``, else ``LN(x + dropout(fn(x)))``.
+        x: T x B x C; returns the block's output and ``fn``'s extra."""
+        residual = x
+        if self.normalize_before:
+            x = layer_norm(x)
+        x, extra = fn(x)
+        x = self.residual_connection(self.dropout_module(x), residual)
+        if not self.normalize_before:
+            x = layer_norm(x)
+        return x, extra
+
+    def _moe_block(
+        self, x: Tensor, padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, MoERecord]:
+        """fairseq's FFN block with the MoE layer as the FFN.
+
+        Args:
+            x: T x B x C.
+            padding_mask: B x T, True at padding; or None.
+        Returns:
+            the block's output (T x B x C), the MoE output before dropout (T x B x C), the
+            record.
+        """
+        mask = None if padding_mask is None else padding_mask.t()  # T x B
+
+        def moe(h):
+            y, record = self.moe(h, mask)  # T x B x C
+            return y, (y, record)
+
+        x, (fc_result, record) = self._residual_block(x, self.final_layer_norm, moe)
+        return x, fc_result, record
 
 
-class MoETransformerEncoderLayer(_MoEFFNMixin, TransformerEncoderLayerBase):
-    """fairseq's encoder layer with an MoE FFN. ``forward`` is fairseq's."""
+class MoETransformerEncoderLayer(_MoEFFNBlock, TransformerEncoderLayerBase):
+    """fairseq's encoder layer with an MoE FFN; returns ``(x, fc_result, record)``."""
 
     def __init__(self, cfg, moe_cfg, name: str, return_fc: bool = False):
         super().__init__(cfg, return_fc=return_fc)
-        self._install_moe(
-            build_moe_layer(
-                moe_cfg,
-                cfg.encoder.embed_dim,
-                cfg.encoder.ffn_embed_dim,
-                cfg.activation_fn,
-                float(cfg.activation_dropout or cfg.relu_dropout or 0.0),
-                name,
+        self._install_moe(cfg, moe_cfg, cfg.encoder, name)
+
+    def forward_layer(
+        self, x: Tensor, encoder_padding_mask: Tensor | None, attn_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, MoERecord]:
+        """x: T x B x C; encoder_padding_mask: B x T (True at padding) or None; attn_mask:
+        T x T (1 = masked) or None."""
+        if attn_mask is not None:  # as fairseq: -1e8, not -inf, so no row is all -inf
+            attn_mask = attn_mask.masked_fill(
+                attn_mask.to(torch.bool), -1e8 if x.dtype == torch.float32 else -1e4
             )
+        x, _ = self._residual_block(
+            x,
+            self.self_attn_layer_norm,
+            lambda h: self.self_attn(
+                query=h,
+                key=h,
+                value=h,
+                key_padding_mask=encoder_padding_mask,
+                need_weights=False,
+                attn_mask=attn_mask,
+            ),
         )
-
-    def forward(self, x, encoder_padding_mask: torch.Tensor | None, attn_mask=None):
-        self._padding_mask = encoder_padding_mask  # B x T or None
-        try:
-            return super().forward(x, encoder_padding_mask, attn_mask=attn_mask)
-        finally:
-            self._padding_mask = None
+        x, fc_result, record = self._moe_block(x, encoder_padding_mask)
+        return x, (fc_result if self.return_fc else None), record
 
 
-class MoETransformerDecoderLayer(_MoEFFNMixin, TransformerDecoderLayerBase):
-    """fairseq's decoder layer with an MoE FFN. ``forward`` is fairseq's."""
+class MoETransformerDecoderLayer(_MoEFFNBlock, TransformerDecoderLayerBase):
+    """fairseq's decoder layer with an MoE FFN; returns ``(x, attn, self_attn_state, record)``."""
 
     def __init__(self, cfg, moe_cfg, name: str, no_encoder_attn: bool = False):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn)
-        self._install_moe(
-            build_moe_layer(
-                moe_cfg,
-                cfg.decoder.embed_dim,
-                cfg.decoder.ffn_embed_dim,
-                cfg.activation_fn,
-                float(cfg.activation_dropout or cfg.relu_dropout or 0.0),
-                name,
+        normformer = [n for n in ("attn_ln", "c_attn", "ffn_layernorm", "w_resid")
+                      if getattr(self, n) is not None]  # fmt: skip
+        if normformer:
+            raise ValueError(
+                f"{name}: NormFormer options (scale_attn, scale_heads, scale_fc, scale_resids) "
+                f"are not supported in MoE decoder layers; this config sets {normformer}"
             )
+        self._install_moe(cfg, moe_cfg, cfg.decoder, name)
+
+    def forward_layer(
+        self,
+        x: Tensor,
+        encoder_out: Tensor | None = None,
+        encoder_padding_mask: Tensor | None = None,
+        incremental_state: dict[str, dict[str, Tensor | None]] | None = None,
+        prev_self_attn_state: list[Tensor] | None = None,
+        prev_attn_state: list[Tensor] | None = None,
+        self_attn_mask: Tensor | None = None,
+        self_attn_padding_mask: Tensor | None = None,
+        need_attn: bool = False,
+        need_head_weights: bool = False,
+    ):
+        """fairseq's decoder-layer arguments. x: T x B x C (T = 1 when decoding a step);
+        encoder_out: S x B x C; encoder_padding_mask: B x S; self_attn_padding_mask: B x T."""
+        if need_head_weights:
+            need_attn = True
+        moe_padding_mask = self_attn_padding_mask  # B x T, the target's own padding
+        x, encoder_padding_mask = self._self_attention_block(
+            x,
+            encoder_out,
+            encoder_padding_mask,
+            incremental_state,
+            prev_self_attn_state,
+            self_attn_mask,
+            self_attn_padding_mask,
+        )
+        attn = None
+        if self.encoder_attn is not None and encoder_out is not None:
+            x, attn = self._encoder_attention_block(
+                x,
+                encoder_out,
+                encoder_padding_mask,
+                incremental_state,
+                prev_attn_state,
+                need_attn,
+                need_head_weights,
+            )
+        x, _, record = self._moe_block(x, moe_padding_mask)
+        return x, attn, self._onnx_self_attn_state(incremental_state, moe_padding_mask), record
+
+    def _self_attention_block(
+        self,
+        x,
+        encoder_out,
+        encoder_padding_mask,
+        incremental_state,
+        prev_self_attn_state,
+        self_attn_mask,
+        self_attn_padding_mask,
+    ):
+        """fairseq's self-attention sub-block; returns x and the encoder padding mask (which
+        cross-self-attention may create)."""
+        if prev_self_attn_state is not None:
+            assert incremental_state is not None
+            self.self_attn._set_input_buffer(incremental_state, _saved_state(prev_self_attn_state))
+        input_buffer = self.self_attn._get_input_buffer(incremental_state)
+        attend_to_source = self.cross_self_attention and not (
+            incremental_state is not None
+            and input_buffer is not None
+            and "prev_key" in input_buffer
         )
 
-    def forward(self, x, *args, self_attn_padding_mask: torch.Tensor | None = None, **kwargs):
-        self._padding_mask = self_attn_padding_mask  # B x T (B x 1 when decoding a step)
-        try:
-            return super().forward(
-                x, *args, self_attn_padding_mask=self_attn_padding_mask, **kwargs
+        def self_attention(h):
+            mask, padding_mask, enc_padding_mask, keys = (
+                self_attn_mask, self_attn_padding_mask, encoder_padding_mask, h
+            )  # fmt: skip
+            if attend_to_source:  # cross-self-attention: keys are the source and the target
+                assert encoder_out is not None
+                if mask is not None:
+                    mask = torch.cat((h.new_zeros(h.size(0), encoder_out.size(0)), mask), dim=1)
+                if padding_mask is not None:
+                    if enc_padding_mask is None:
+                        enc_padding_mask = padding_mask.new_zeros(
+                            encoder_out.size(1), encoder_out.size(0)
+                        )
+                    padding_mask = torch.cat((enc_padding_mask, padding_mask), dim=1)
+                keys = torch.cat((encoder_out, h), dim=0)
+            out, _ = self.self_attn(
+                query=h,
+                key=keys,
+                value=keys,
+                key_padding_mask=padding_mask,
+                incremental_state=incremental_state,
+                need_weights=False,
+                attn_mask=mask,
             )
-        finally:
-            self._padding_mask = None
+            return out, enc_padding_mask
+
+        return self._residual_block(x, self.self_attn_layer_norm, self_attention)
+
+    def _encoder_attention_block(
+        self,
+        x,
+        encoder_out,
+        encoder_padding_mask,
+        incremental_state,
+        prev_attn_state,
+        need_attn,
+        need_head_weights,
+    ):
+        """fairseq's encoder-attention sub-block; returns x and the attention weights."""
+        if prev_attn_state is not None:
+            assert incremental_state is not None
+            self.encoder_attn._set_input_buffer(incremental_state, _saved_state(prev_attn_state))
+        return self._residual_block(
+            x,
+            self.encoder_attn_layer_norm,
+            lambda h: self.encoder_attn(
+                query=h,
+                key=encoder_out,
+                value=encoder_out,
+                key_padding_mask=encoder_padding_mask,
+                incremental_state=incremental_state,
+                static_kv=True,
+                need_weights=need_attn or (not self.training and self.need_attn),
+                need_head_weights=need_head_weights,
+            ),
+        )
+
+    def _onnx_self_attn_state(self, incremental_state, self_attn_padding_mask):
+        """fairseq's third output: the self-attention state, when tracing for ONNX."""
+        if not (self.onnx_trace and incremental_state is not None):
+            return None
+        saved_state = self.self_attn._get_input_buffer(incremental_state)
+        assert saved_state is not None
+        state = [saved_state["prev_key"], saved_state["prev_value"]]
+        if self_attn_padding_mask is not None:
+            state.append(saved_state["prev_key_padding_mask"])
+        return state
+
+
+def _saved_state(prev_state: list[Tensor]) -> dict[str, Tensor]:
+    """fairseq's attention input buffer from a ``prev_*_attn_state`` list."""
+    saved_state = {"prev_key": prev_state[0], "prev_value": prev_state[1]}
+    if len(prev_state) >= 3:
+        saved_state["prev_key_padding_mask"] = prev_state[2]
+    return saved_state

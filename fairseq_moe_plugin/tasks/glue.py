@@ -68,12 +68,13 @@ class GlueTask(SentencePredictionTask):
             )
         cache = build_cache(glue_dir, glue, cfg.moe_glue_cache_dir or glue_dir / ".moe_glue_cache",
                             cfg.moe_glue_spm_model, cfg.moe_glue_spm_vocab_size)  # fmt: skip
+        data_dict = cls.load_dictionary(str(cache / "input0" / "dict.txt"))
         with open_dict(cfg):
             cfg.num_classes = glue.num_classes
-            cfg.init_token = 0 if cfg.init_token is None else cfg.init_token  # <s>
+            if cfg.init_token is None:
+                cfg.init_token = data_dict.bos()  # <s> starts every input, as in RoBERTa
             if (cache / "input1").is_dir() and cfg.separator_token is None:
-                cfg.separator_token = 2  # </s>, as RoBERTa separates sentence pairs
-        data_dict = cls.load_dictionary(str(cache / "input0" / "dict.txt"))
+                cfg.separator_token = data_dict.eos()  # </s> separates sentence pairs
         label_dict = (data_dict if glue.is_regression
                       else cls.load_dictionary(str(cache / "label" / "dict.txt")))  # fmt: skip
         logger.info(f"{glue.name}: {len(data_dict)} input types, cache {cache}")

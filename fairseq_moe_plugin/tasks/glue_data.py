@@ -8,7 +8,7 @@ sentences contain quote characters).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -38,7 +38,6 @@ class GlueTask:
     dev_splits: tuple[str, ...] = ("dev",)
     test_splits: tuple[str, ...] = ("test",)
     metrics: tuple[str, ...] = ("accuracy",)
-    extra: dict = field(default_factory=dict)
 
     @property
     def is_regression(self) -> bool:

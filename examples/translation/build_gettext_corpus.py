@@ -15,7 +15,7 @@ Train = the rest, minus strings that any *other* language uses for valid/test (c
 gets exactly the requested valid/test sizes, and a language's test set does not depend on which
 other languages are built (valid/train do, through the cuts). Lines are written in key order.
 
-Usage: python scripts/build_gettext_corpus.py --langs de,fr,es,ru --out DIR
+Usage: python examples/translation/build_gettext_corpus.py --langs de,fr,es,ru --out DIR
 """
 
 from __future__ import annotations
@@ -276,6 +276,47 @@ def write_pairs(out_dir: Path, lang: str, split: str, pairs: list[tuple[str, str
             f.writelines(p[idx] + "\n" for p in pairs)
 
 
+def _check_sizes(data: dict, min_pairs: int, valid_size: int, test_size: int) -> None:
+    """CorpusError for a language with too few pairs for ``min_pairs`` and the split sizes."""
+    for lang, d in data.items():
+        n, domains = len(d.pairs), ", ".join(p.stem for p in d.files) or "none readable"
+        if n < min_pairs:
+            raise CorpusError(
+                f"language {lang!r} yields only {n} usable pairs (< {min_pairs}); "
+                f"catalogues found: {domains}"
+            )
+        if n - valid_size - test_size < min_pairs:
+            raise CorpusError(
+                f"language {lang!r} has {n} pairs, too few for --valid-size {valid_size} + "
+                f"--test-size {test_size} + {min_pairs} training pairs; lower the split sizes"
+            )
+
+
+def _write_language(out: Path, lang: str, d, s: dict, max_train: int, owners) -> dict:
+    """Write ``lang``'s splits ``s``; return its sources.json entry."""
+    train_available = len(s["train"])
+    if max_train > 0:
+        s["train"] = s["train"][:max_train]
+    for split in SPLITS:
+        write_pairs(out, lang, split, [(e, d.pairs[e]) for e in s[split]])
+    d.dropped["held_out"] = s["held_out"]
+    cat_pkgs = pkgs = None
+    if owners is not None:
+        cat_pkgs = {p.stem: owners.get(str(p)) for p in d.files}
+        pkgs = sorted({x for v in cat_pkgs.values() if v for x in v.split(", ")})
+    return {
+        "catalogues": [p.stem for p in d.files],
+        "catalogue_packages": cat_pkgs,
+        "packages": pkgs,
+        "aliases_skipped": d.aliases,
+        "pairs": {split: len(s[split]) for split in SPLITS},
+        "train_available": train_available,
+        "identical_pairs": sum(e == d.pairs[e] for split in SPLITS for e in s[split]),
+        "pairs_per_catalogue": dict(sorted(Counter(d.origin.values()).items())),
+        "dropped": {r: d.dropped.get(r, 0) for r in DROP_REASONS},
+    }
+
+
 def build_corpus(
     langs: list[str],
     out_dir: str | Path,
@@ -298,53 +339,18 @@ def build_corpus(
     if not langs:
         raise CorpusError("no languages given (--langs de,fr,...)")
     data = {lang: extract_pairs(lang, locale_dir, max_chars) for lang in langs}
-    for lang, d in data.items():
-        n = len(d.pairs)
-        domains = ", ".join(p.stem for p in d.files) or "none readable"
-        if n < min_pairs:
-            raise CorpusError(
-                f"language {lang!r} yields only {n} usable pairs (< {min_pairs}); "
-                f"catalogues found: {domains}"
-            )
-        if n - valid_size - test_size < min_pairs:
-            raise CorpusError(
-                f"language {lang!r} has {n} pairs, too few for --valid-size {valid_size} + "
-                f"--test-size {test_size} + {min_pairs} training pairs; lower the split sizes"
-            )
+    _check_sizes(data, min_pairs, valid_size, test_size)
     splits = assign_splits(
         {lang: list(d.pairs) for lang, d in data.items()}, valid_size, test_size, seed
     )
-    all_files = [p for d in data.values() for p in d.files]
-    owners = dpkg_owners(all_files) if use_dpkg else None
+    owners = dpkg_owners([p for d in data.values() for p in d.files]) if use_dpkg else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sources: dict = {"languages": {}}
-    all_pkgs: set[str] = set()
-    for lang, d in data.items():
-        s = splits[lang]
-        train_available = len(s["train"])
-        if max_train_per_lang > 0:
-            s["train"] = s["train"][:max_train_per_lang]
-        for split in SPLITS:
-            write_pairs(out, lang, split, [(e, d.pairs[e]) for e in s[split]])
-        d.dropped["held_out"] = s["held_out"]
-        cat_pkgs = None
-        pkgs = None
-        if owners is not None:
-            cat_pkgs = {p.stem: owners.get(str(p)) for p in d.files}
-            pkgs = sorted({x for v in cat_pkgs.values() if v for x in v.split(", ")})
-            all_pkgs.update(pkgs)
-        sources["languages"][lang] = {
-            "catalogues": [p.stem for p in d.files],
-            "catalogue_packages": cat_pkgs,
-            "packages": pkgs,
-            "aliases_skipped": d.aliases,
-            "pairs": {split: len(s[split]) for split in SPLITS},
-            "train_available": train_available,
-            "identical_pairs": sum(e == d.pairs[e] for split in SPLITS for e in s[split]),
-            "pairs_per_catalogue": dict(sorted(Counter(d.origin.values()).items())),
-            "dropped": {r: d.dropped.get(r, 0) for r in DROP_REASONS},
-        }
+    sources: dict = {"languages": {
+        lang: _write_language(out, lang, d, splits[lang], max_train_per_lang, owners)
+        for lang, d in data.items()
+    }}  # fmt: skip
+    all_pkgs = {x for info in sources["languages"].values() for x in info["packages"] or ()}
     sources["skipped_files"] = [{"lang": lang, **s} for lang, d in data.items() for s in d.skipped]
     sources["apt_install"] = "apt-get install " + " ".join(sorted(all_pkgs)) if all_pkgs else None
     sources["parameters"] = {**params, "langs": langs, "locale_dir": str(locale_dir)}

@@ -1,6 +1,5 @@
-"""Pictures of routing statistics (matplotlib, PNG; self-contained HTML heatmaps whose cells show
-their value on hover) and the reader of fairseq training logs (json or simple text format, or a
-tensorboard log directory).
+"""Pictures of routing statistics: matplotlib PNGs, and self-contained HTML heatmaps whose cells
+show their value on hover (the HTML is written here: a plain table, no scripts).
 
 Every ``draw_*`` writes its figure and returns the entry the summary lists for it:
 ``{"png": ..., "html": ... (heatmaps), "data": ...}``, where ``data`` is the exact numbers drawn.
@@ -9,8 +8,6 @@ Every ``draw_*`` writes its figure and returns the entry the summary lists for i
 from __future__ import annotations
 
 import html
-import json
-import re
 from pathlib import Path
 
 import matplotlib
@@ -18,8 +15,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-LOAD_RE = re.compile(r"^moe_(\w+?)_load_e(\d+)$")
 
 
 def _save(fig, path: Path) -> str:
@@ -104,90 +99,9 @@ def draw_bars(name, labels, series: dict[str, list[float]], title, out: Path) ->
     }
 
 
-# -- training logs ---------------------------------------------------------------------------
-
-
-def read_training_log(path) -> list[dict[str, float]]:
-    """The ``train_inner`` records of a fairseq training run, oldest first, each with
-    ``num_updates``. ``path``: a text log (``--log-format json`` or ``simple``) or a
-    ``--tensorboard-logdir`` directory."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"training log {path} does not exist")
-    records = _read_tensorboard(path) if path.is_dir() else _read_text_log(path)
-    if not records:
-        raise ValueError(
-            f"{path}: no train_inner records found (expected fairseq's json or simple log "
-            "format, or a tensorboard log directory with a train_inner run)"
-        )
-    return records
-
-
-def _read_text_log(path: Path) -> list[dict[str, float]]:
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        if "train_inner" not in line:
-            continue
-        brace = line.find("{")
-        if brace >= 0:
-            try:
-                raw = json.loads(line[brace:])
-            except json.JSONDecodeError:
-                continue
-        else:
-            raw = dict(re.findall(r"(\w+)=([-+\w.]+)", line))
-        record = {}
-        for key, value in raw.items():
-            try:
-                record[key] = float(value)
-            except (TypeError, ValueError):
-                pass
-        if "num_updates" in record:
-            records.append(record)
-    return records
-
-
-def _read_tensorboard(path: Path) -> list[dict[str, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run = path / "train_inner" if (path / "train_inner").is_dir() else path
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
-    acc.Reload()
-    by_step: dict[int, dict[str, float]] = {}
-    for tag in acc.Tags()["scalars"]:
-        for event in acc.Scalars(tag):
-            by_step.setdefault(event.step, {"num_updates": float(event.step)})[tag] = event.value
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def training_series(records) -> dict:
-    """Per-expert loads per layer, balance loss and entropy over updates, from log records."""
-    updates = [r["num_updates"] for r in records]
-    loads: dict[str, dict[int, list[float]]] = {}
-    for key in sorted({k for r in records for k in r}):
-        match = LOAD_RE.match(key)
-        if match:
-            layer, expert = match.group(1), int(match.group(2))
-            loads.setdefault(layer, {})[expert] = [r.get(key, float("nan")) for r in records]
-
-    def model_order(layer):  # enc0, enc1, ..., dec0, ...
-        digits = "".join(ch for ch in layer if ch.isdigit())
-        return (layer.startswith("dec"), int(digits) if digits else 0, layer)
-
-    return {
-        "updates": updates,
-        "loads": {
-            layer: [loads[layer][e] for e in sorted(loads[layer])]
-            for layer in sorted(loads, key=model_order)
-        },
-        "balance_loss": [r.get("moe_balance_loss", float("nan")) for r in records],
-        "entropy": [r.get("moe_entropy", float("nan")) for r in records],
-    }
-
-
 def draw_training(series: dict, out: Path) -> tuple[dict, dict]:
     """Load per expert over updates (one panel per layer) and balance loss / entropy over
-    updates. Returns (figures, skipped)."""
+    updates, from ``training_log.training_series``. Returns (figures, skipped)."""
     figures, skipped = {}, {}
     updates = series["updates"]
     if series["loads"]:

@@ -1,14 +1,18 @@
 #!/usr/bin/env python
-"""MoE vs dense on the same data and the same training wall clock.
+"""MoE vs dense on the same data and the same training wall clock (what ``make compare`` runs).
 
-Trains, with examples/translation/run.py and the same prepared data:
+Trains, with run.py (one subprocess per model) and the same prepared data, the models of
+presets.py:
 (a) ``moe``: the recipe's MoE model;
 (b) ``dense_flops``: a dense model with the MoE model's active FLOPs per token;
 (c) ``dense_params``: a dense model with the MoE model's total parameters;
 then prints one markdown table (BLEU and chrF per language, FLOPs/token, parameters, training
 words/s, generation sentences/s) and writes it with the figures to ``results/<prefix>/``.
 
-    python scripts/compare_dense_moe.py --langs de,fr,es,ru --budget-minutes 10
+    python examples/translation/compare_dense_moe.py --langs de,fr,es,ru --budget-minutes 10
+
+A cell whose number a run could not produce (an analysis step that failed; run.py records why in
+its metrics.json) shows "-".
 """
 
 import argparse
@@ -19,9 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RUN = REPO / "examples" / "translation" / "run.py"
-MODELS = ("moe", "dense_flops", "dense_params")
+from presets import COMPARED
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RUN = HERE / "run.py"
+
+
+def _number(value, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
+    """``value / scale`` formatted, or "-" for a number the run does not have."""
+    return "-" if value is None else format(value / scale, fmt) + suffix
 
 
 def table(rows: dict) -> str:
@@ -33,13 +44,14 @@ def table(rows: dict) -> str:
     for name, m in rows.items():
         bleu = [m["bleu"][lang] for lang in langs]
         chrf = [m["chrf"][lang] for lang in langs]
-        runs = {r["batch_size"]: r for r in m["generation"]["runs"]}
+        runs = {r["batch_size"]: r for r in (m["generation"] or {}).get("runs", [])}
+        flops, params = m["flops"] or {}, m["params"] or {}
         cells = [name, *[f"{b:.1f}" for b in bleu], f"{sum(bleu) / len(bleu):.1f}",
                  f"{sum(chrf) / len(chrf):.1f}",
-                 f"{m['flops']['gflops_per_target_token']:.4f}",
-                 f"{m['params']['params_total'] / 1e6:.1f}M",
-                 f"{m['params']['params_active_per_token'] / 1e6:.1f}M",
-                 str(m["train"]["updates"]), f"{m['train']['words_per_s']:.0f}",
+                 _number(flops.get("gflops_per_target_token"), ".4f"),
+                 _number(params.get("params_total"), ".1f", 1e6, "M"),
+                 _number(params.get("params_active_per_token"), ".1f", 1e6, "M"),
+                 str(m["train"]["updates"]), _number(m["train"]["words_per_s"], ".0f"),
                  f"{runs[32]['sentences_per_s']:.1f}" if 32 in runs else "-",
                  f"{runs[1]['ms_per_sentence']:.0f}" if 1 in runs else "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
@@ -52,35 +64,24 @@ def main(argv=None) -> int:
     p.add_argument("--langs", default="de,fr,es,ru")
     p.add_argument("--budget-minutes", type=float, default=10.0)
     p.add_argument("--max-train-per-lang", type=int, default=0)
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join(COMPARED), help="presets.py names")
     p.add_argument("--results", type=Path, default=REPO / "results")
+    p.add_argument("--run-args", default="", help="more run.py flags for every model (quoted), "
+                   "e.g. '--test-size 20 --bench-sentences 5' for a quick check")  # fmt: skip
     a = p.parse_args(argv)
     models = a.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models if m not in COMPARED]
     if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; choose from {MODELS}")
+        p.error(f"--models: unknown {unknown}; choose from {', '.join(COMPARED)}")
 
     data = a.results / f"{a.prefix}_data"
     rows = {}
     for model in models:
-        cmd = [
-            sys.executable,
-            RUN,
-            "--run",
-            f"{a.prefix}_{model}",
-            "--results",
-            a.results,
-            "--model",
-            model,
-            "--budget-minutes",
-            a.budget_minutes,
-            "--langs",
-            a.langs,
-            "--max-train-per-lang",
-            a.max_train_per_lang,
-            "--data",
-            data,
-        ]  # fmt: skip  (the first run builds the data, the others reuse it)
+        # The first run builds the data, the others reuse it.
+        cmd = [sys.executable, RUN, "--run", f"{a.prefix}_{model}", "--results", a.results,
+               "--model", model, "--budget-minutes", a.budget_minutes, "--langs", a.langs,
+               "--max-train-per-lang", a.max_train_per_lang, "--data", data,
+               *a.run_args.split()]  # fmt: skip
         print(f"[compare] {model}: {' '.join(map(str, cmd[1:]))}", flush=True)
         start = time.time()
         rc = subprocess.run([str(c) for c in cmd], cwd=REPO).returncode

@@ -1,7 +1,7 @@
-#!/usr/bin/env python
-"""Write a small synthetic parallel corpus (train/valid/test.{src,tgt}) that a tiny model can
-learn in a few hundred updates: each source word ``s<i>`` translates to ``t<perm(i)>`` and the
-order of every adjacent pair of words is swapped. Used by the tests and by the interim demo."""
+"""A test helper: a small synthetic parallel corpus (train/valid/test.{src,tgt}) that a tiny model
+can learn in a few hundred updates: each source word ``s<i>`` translates to ``t<perm(i)>`` and
+the order of every adjacent pair of words is swapped. Used by ``conftest.py`` and the recipe
+tests; ``python tests/toy_corpus.py OUT_DIR`` writes one by hand."""
 
 import argparse
 import os
@@ -44,7 +44,7 @@ def write_corpus(
                 ft.write(t + "\n")
 
 
-def main():
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out_dir")
     p.add_argument("--train", type=int, default=2000)
@@ -52,9 +52,10 @@ def main():
     p.add_argument("--test", type=int, default=100)
     p.add_argument("--vocab", type=int, default=24)
     p.add_argument("--seed", type=int, default=1)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     write_corpus(a.out_dir, a.train, a.valid, a.test, a.vocab, seed=a.seed)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

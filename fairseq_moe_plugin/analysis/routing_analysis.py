@@ -1,12 +1,13 @@
-"""Routing statistics from a token-level routing log (numpy only, no torch or fairseq).
+"""Routing statistics from a token-level routing log (numpy and scipy; no torch or fairseq).
 
-The log is what ``expert_usage.py`` writes (``routing.npz``): one row per (non-padding token,
-MoE layer), with arrays
+The log is what ``routing_log.record_split`` builds and ``fairseq-moe-usage`` writes
+(``routing.npz``): one row per (non-padding token, MoE layer), with arrays
 
 - ``layer`` (R, int): index into ``layer_names``; ``sentence``, ``batch``, ``position``,
   ``token`` (R, int); ``lang``, ``pair`` (R, int): indices into ``langs`` and ``pairs``;
 - ``experts`` (R x k, int) best first, ``weights`` (R x k, float), ``entropy`` (R, float, nats);
-- metadata: ``layer_names``, ``langs``, ``pairs``, ``vocab`` (str arrays), ``num_experts``, ``k``.
+- metadata: ``layer_names`` (module names, ``naming.py``), ``langs``, ``pairs``, ``vocab`` (str
+  arrays), ``num_experts``, ``k``.
 
 Every function returns plain lists/dicts (JSON-ready): these are the data behind the figures and
 the ``summary.json``.
@@ -18,6 +19,9 @@ import math
 from collections import Counter
 
 import numpy as np
+from scipy.spatial.distance import jensenshannon
+
+from ..naming import SIDES, layer_side
 
 REQUIRED = ("layer", "sentence", "batch", "position", "token", "lang", "pair", "experts",
             "weights", "entropy", "layer_names", "langs", "pairs", "vocab", "num_experts", "k")  # fmt: skip
@@ -30,10 +34,6 @@ def load_log(path) -> dict[str, np.ndarray]:
         if missing:
             raise ValueError(f"{path}: not a routing log, missing arrays {missing}")
         return {key: data[key] for key in data.files}
-
-
-def layer_side(name: str) -> str:
-    return "decoder" if name.startswith("decoder") or name.startswith("dec") else "encoder"
 
 
 def expert_counts(log, rows=None) -> np.ndarray:
@@ -130,7 +130,7 @@ def per_language(log) -> tuple[dict, dict]:
     side's layers (1 = the groups use the experts identically). Returns (data, skipped)."""
     data, skipped = {}, {}
     names = log["layer_names"].tolist()
-    for side in ("encoder", "decoder"):
+    for side in SIDES:
         layers = [i for i, n in enumerate(names) if layer_side(n) == side]
         if not layers:
             continue
@@ -158,17 +158,16 @@ def per_language(log) -> tuple[dict, dict]:
 
 
 def jsd(p, q) -> float:
-    """Jensen-Shannon divergence in bits (0 = equal, 1 = disjoint)."""
+    """Jensen-Shannon divergence in bits (0 = equal, 1 = disjoint) of two count or share vectors.
+
+    scipy's ``jensenshannon`` returns the JS *distance*, the square root of the divergence: the
+    divergence is its square (base 2). Added here: a vector that sums to 0 (a group with no
+    tokens, where scipy would give NaN) counts as disjoint (1), and rounding is clipped to
+    [0, 1]."""
     p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
     if p.sum() <= 0 or q.sum() <= 0:
         return 1.0
-    m = (p + q) / 2
-
-    def kl(a, b):
-        nz = a > 0
-        return float((a[nz] * np.log2(a[nz] / b[nz])).sum())
-
-    return max(0.0, min(1.0, (kl(p, m) + kl(q, m)) / 2))
+    return float(min(1.0, max(0.0, jensenshannon(p, q, base=2) ** 2)))
 
 
 def specialisation(log, top: int = 10, min_count: int = 5) -> dict[str, dict]:

@@ -1,0 +1,15 @@
+"""fairseq-moe's command-line tools, as fairseq keeps its own in ``fairseq_cli/``.
+
+Each module has ``main(argv=None) -> int`` and a console command (setup.py's entry points);
+``python scripts/<module>.py`` runs the same ``main``:
+
+- ``score_bleu`` (``fairseq-moe-bleu``): sacrebleu BLEU/chrF of fairseq-generate output;
+- ``eval_glue`` (``fairseq-moe-glue-eval``): GLUE predictions, metrics, submission files;
+- ``expert_usage`` (``fairseq-moe-usage``): routing log, summary and figures of a checkpoint;
+- ``flops`` (``fairseq-moe-flops``): parameters and FLOPs per token;
+- ``benchmark_generate`` (``fairseq-moe-benchmark-generate``): generation latency/throughput;
+- ``benchmark_moe_layer`` (``fairseq-moe-benchmark-layer``): the MoE layer against the dense
+  limit and public MoE patterns (``moe_layer_references``: those baselines;
+  ``benchmark_moe_layer_report``: its summary, targets and tables);
+- ``flags_table`` (``fairseq-moe-flags``): the README's table of MoE flags.
+"""

@@ -1,0 +1,364 @@
+"""Speed and memory of the MoE layer against the dense limit and the public MoE patterns.
+
+    fairseq-moe-benchmark-layer                    # the full grid (CPU, and GPU if any)
+    fairseq-moe-benchmark-layer --tokens 8192 --experts 64 --topk 1
+
+(or ``python scripts/benchmark_moe_layer.py ...``). For every setting (T tokens, E experts,
+top-k; the sizes and their defaults are the flags, see ``--help``) it times, in one process, on
+identical weights and inputs (``moe_layer_references.py``):
+
+- ``moe``: the product's ``MoELayer`` (router, sort-based dispatch, grouped experts), dropless,
+  so its expert FLOPs equal the dense limit's exactly;
+- ``moe_fresh_grads``: the same with weight-gradient buffer reuse off (fwd+bwd only);
+- ``dense``: the limit, one FFN of hidden size k*d_ff with the same activation, no router;
+- ``naive_loop`` / ``naive_loop_modules``: HF Mixtral/Qwen-MoE's per-expert loop over stacked
+  weights indexed per expert / over one ``nn.Linear`` pair per expert;
+- ``einsum``: GShard's one-hot T x E x C dispatch/combine (fairseq's moe/nllb branches), capacity
+  ``ceil(1.0 * k * T / E)`` so that its expert matmuls also do the dense FLOPs. Skipped, with the
+  estimate printed, when its T x E x C tensors would not fit in half the free memory.
+
+Protocol: each setting runs in a fresh process (so the gigabytes one setting's references
+allocate do not change the allocator state the next setting starts from), with torch threads set
+by ``--threads``; ``fwd`` is a forward without autograd,
+``fwd+bwd`` a training step (forward, backward of a random cotangent, then every gradient set to
+None as fairseq's ``zero_grad`` does); one untimed step of ``moe`` and ``dense`` when the
+setting's process starts, ``--warmup`` untimed runs per measurement, then the median of
+``--repeats`` timed runs (fewer, at least 3, for a reference slower than ``--max-seconds`` per
+measurement). CPU runs fp32; GPU runs bf16 with the device synchronised around each run.
+
+Peak memory of one fwd+bwd (weight-gradient buffers cleared first, so gradients are counted):
+on CPU the largest running sum of the allocations minus frees that ``torch.profiler`` records
+(``profile_memory=True``) during the step, i.e. memory above what existed before it (weights,
+input); on GPU ``torch.cuda.max_memory_allocated`` above the allocation before the step. The
+budget is 1.1 x (the dense limit's peak without its weight gradients + the expert weights).
+
+Router and dispatch shares (of the ``moe`` fwd+bwd time): the router alone (gate forward and
+backward), the grouped experts alone, and the rest (sort, gathers, weighting, scatter-add) as
+total minus the two. The experts alone run on rows already sorted by expert, with the same
+tokens per expert as the setting's routing, one choice each: their plan is
+``DispatchPlan.from_routing(expert_index_sorted.view(-1, 1), all kept, E)``, so its gathers are
+contiguous copies and its combine an identity (what dispatch costs beyond that is in the rest).
+
+Prints a markdown table and the checks of the targets that apply (``moe_layer_report.TARGETS``),
+and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from fairseq_moe_plugin.modules import MoELayer, StackedExperts, TopKGate
+from fairseq_moe_plugin.modules.grouped_ffn import DispatchPlan
+
+from .measure import free_memory_bytes, machine_info, peak_bytes, time_runs
+from .moe_layer_references import DenseFFN, EinsumMoE, NaiveLoopMoE, einsum_peak_bytes_estimate
+from .moe_layer_report import (
+    MODES,
+    markdown_tables,
+    summarise,
+    target_checks,
+    target_setting_text,
+)
+
+IMPLS = ("moe", "moe_fresh_grads", "dense", "naive_loop", "naive_loop_modules", "einsum")
+# The sizes of the grid and of every setting: the flags' defaults, defined here only.
+DEFAULTS = {"tokens": [8192, 32768], "experts": [8, 16, 64], "topk": [1, 2], "d_model": 512,
+            "d_ff": 2048, "threads": 2}  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--tokens", type=int, nargs="+", default=DEFAULTS["tokens"], help="T values")
+    p.add_argument("--experts", type=int, nargs="+", default=DEFAULTS["experts"], help="E values")
+    p.add_argument("--topk", type=int, nargs="+", default=DEFAULTS["topk"], help="k values")
+    p.add_argument("--d-model", type=int, default=DEFAULTS["d_model"], help="C")
+    p.add_argument("--d-ff", type=int, default=DEFAULTS["d_ff"], help="hidden size of every expert")
+    p.add_argument("--activation", default="relu")
+    p.add_argument(
+        "--threads", type=int, default=DEFAULTS["threads"], help="torch intra-op threads (CPU)"
+    )
+    p.add_argument(
+        "--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, cuda if present)"
+    )
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=60.0,
+        help="cap on one measurement's timed runs for slow references (at least 3 runs)",
+    )
+    p.add_argument("--einsum-capacity-factor", type=float, default=1.0)
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.5,
+        help="skip the einsum reference when its estimate exceeds this fraction of free memory",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("results/benchmark_moe_layer.json"))
+    args = p.parse_args(argv)
+    if args.devices is None:
+        args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in args.devices:
+        if device not in ("cpu", "cuda"):
+            p.error(f"--devices: unknown device {device!r} (expected cpu or cuda)")
+        if device == "cuda" and not torch.cuda.is_available():
+            p.error("--devices cuda: no CUDA device is available")
+    for name in ("tokens", "experts", "topk"):
+        if min(getattr(args, name)) < 1:
+            p.error(f"--{name} values must be >= 1, got {getattr(args, name)}")
+    for k in args.topk:
+        if k > min(args.experts):
+            p.error(f"--topk {k} exceeds the smallest --experts value {min(args.experts)}")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
+
+
+class Setting:
+    """Weights, input and cotangent for one (device, T, E, k), and a step per implementation.
+    Shapes: ``x`` and ``grad_out`` are T x C (C = d_model)."""
+
+    def __init__(self, args, device: str, tokens: int, experts: int, k: int):
+        self.device, self.tokens, self.experts, self.k = device, tokens, experts, k
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        torch.manual_seed(args.seed)
+        d, ff = args.d_model, args.d_ff
+        gate = TopKGate(d, experts, k=k, capacity_factor=0.0)  # dropless: the dense FLOPs
+        layer = MoELayer(gate, StackedExperts(experts, d, ff, activation_fn=args.activation))
+        self.layer = layer.to(device=device, dtype=self.dtype).train()
+        self.dense = DenseFFN(d, k * ff, args.activation).to(device=device, dtype=self.dtype)
+        self.x = torch.randn(tokens, d, device=device, dtype=self.dtype)  # T x C
+        self.grad_out = torch.randn(tokens, d, device=device, dtype=self.dtype)  # T x C
+        self.args = args
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    def module(self, impl: str) -> torch.nn.Module:
+        if impl not in self._modules:
+            if impl in ("moe", "moe_fresh_grads"):
+                self._modules[impl] = self.layer
+            elif impl == "dense":
+                self._modules[impl] = self.dense
+            elif impl == "naive_loop":
+                self._modules[impl] = NaiveLoopMoE(self.layer)
+            elif impl == "naive_loop_modules":
+                self._modules[impl] = NaiveLoopMoE(self.layer, per_expert_modules=True).to(
+                    self.device
+                )
+            elif impl == "einsum":
+                self._modules[impl] = EinsumMoE(self.layer, self.args.einsum_capacity_factor)
+        return self._modules[impl]
+
+    def forward(self, impl: str, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(impl)(x)
+        return out[0] if impl.startswith("moe") else out  # MoELayer returns (y, record)
+
+    def step(self, impl: str, mode: str):
+        """The callable timed for (impl, mode)."""
+        module = self.module(impl)
+        self.set_grad_buffer_reuse(impl != "moe_fresh_grads")
+        if mode == "fwd":
+
+            def run():
+                with torch.no_grad():
+                    self.forward(impl, self.x)
+
+            return run
+        x = self.x.detach().requires_grad_(True)
+
+        def run():
+            self.forward(impl, x).backward(self.grad_out)
+            for p in module.parameters():  # fairseq's zero_grad
+                p.grad = None
+            x.grad = None
+
+        return run
+
+    def set_grad_buffer_reuse(self, enabled: bool, clear: bool = False) -> None:
+        """Turn the experts' gradient-buffer reuse on or off (absent in older versions)."""
+        buffers = getattr(self.layer.experts, "grad_buffers", None)
+        if buffers is not None:
+            buffers.enabled = enabled
+            if clear:
+                buffers.clear()
+
+    def einsum_estimate(self) -> int:
+        return einsum_peak_bytes_estimate(
+            self.tokens,
+            self.experts,
+            self.k,
+            self.args.einsum_capacity_factor,
+            torch.finfo(self.dtype).bits // 8,
+        )
+
+    def load(self) -> dict:
+        """Tokens per expert under this setting's routing (max and min over the mean)."""
+        with torch.no_grad():
+            _, record = self.layer(self.x)
+        counts = record.expert_counts.float()  # E
+        mean = counts.mean().item()
+        return {
+            "max_over_mean": counts.max().item() / mean,
+            "min_over_mean": counts.min().item() / mean,
+        }
+
+    def breakdown(self, times) -> dict:
+        """Router and experts-alone times of the ``moe`` fwd+bwd (see the module doc)."""
+        layer, x = self.layer, self.x.detach().requires_grad_(True)
+        with torch.no_grad():
+            counts = layer(self.x)[1].expert_counts  # E: tokens per expert in this routing
+        rows = int(counts.sum())  # M
+        expert_index_sorted = torch.repeat_interleave(
+            torch.arange(self.experts, device=self.device), counts.to(self.device)
+        )  # M, ascending: rows already sorted by expert
+        plan = DispatchPlan.from_routing(
+            expert_index_sorted.view(-1, 1),
+            torch.ones(rows, 1, dtype=torch.bool, device=self.device),
+            self.experts,
+        )  # one choice per row: contiguous gathers, identity combine
+        sorted_in = torch.randn(rows, x.shape[1], device=self.device, dtype=self.dtype)  # M x C
+        sorted_in.requires_grad_(True)
+        sorted_grad = torch.randn_like(sorted_in)  # M x C
+        weight_grad = torch.randn(x.shape[0], self.k, device=self.device)  # T x k
+
+        def router():
+            g = layer.gate(x)
+            ((g.expert_weight * weight_grad).sum() + g.balance_loss + g.z_loss).backward()
+            layer.gate.wg.weight.grad = None
+            x.grad = None
+
+        def experts():
+            layer.experts(sorted_in, plan).backward(sorted_grad)
+            for p in layer.experts.parameters():
+                p.grad = None
+            sorted_in.grad = None
+
+        self.set_grad_buffer_reuse(True)
+        router_s = statistics.median(times(router))
+        experts_s = statistics.median(times(experts))
+        return {"router_s": router_s, "experts_s": experts_s}
+
+
+def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[dict]:
+    torch.set_num_threads(args.threads)
+    setting = Setting(args, device, tokens, experts, k)
+    common = {"device": device, "dtype": str(setting.dtype).replace("torch.", "")}
+    common.update(tokens=tokens, experts=experts, k=k, d_model=args.d_model, d_ff=args.d_ff)
+
+    def times(fn):
+        return time_runs(fn, device, args.warmup, args.repeats, args.max_seconds)
+
+    rows = []
+    load = setting.load()
+    for impl in ("moe", "dense"):  # a new process: touch the allocator before anything is timed
+        if impl in args.impls:
+            setting.step(impl, "fwd+bwd")()
+    for impl in args.impls:
+        row_base = dict(common, impl=impl)
+        if impl == "einsum":
+            need, free = setting.einsum_estimate(), free_memory_bytes(device)
+            if need > args.memory_fraction * free:
+                reason = (
+                    f"skipped: its T x E x C tensors need about {need / 2**30:.1f} GiB, more than "
+                    f"{args.memory_fraction:.0%} of the {free / 2**30:.1f} GiB free"
+                )
+                print(f"  {impl:20s} {reason}", flush=True)
+                rows.append(dict(row_base, skipped=reason))
+                continue
+        for mode in MODES:
+            if impl == "moe_fresh_grads" and mode == "fwd":
+                continue  # identical to moe's forward
+            step = setting.step(impl, mode)
+            runs = times(step)
+            median = statistics.median(runs)
+            row = dict(row_base, mode=mode, median_s=median, runs=len(runs))
+            row["tokens_per_s"] = tokens / median
+            if mode == "fwd+bwd" and not args.no_memory:
+                setting.set_grad_buffer_reuse(impl != "moe_fresh_grads", clear=True)
+                row["peak_bytes"] = peak_bytes(step, device)
+            if impl == "moe":
+                row["load"] = load
+            if impl == "moe" and mode == "fwd+bwd":
+                row.update(setting.breakdown(times))
+            print(
+                f"  {impl:20s} {mode:8s} {median * 1e3:10.1f} ms  {row['tokens_per_s']:12,.0f} tok/s"
+                + (f"  peak {row['peak_bytes'] / 2**20:8.1f} MiB" if "peak_bytes" in row else ""),
+                flush=True,
+            )
+            rows.append(row)
+    params = setting.layer.experts
+    expert_bytes = sum(p.numel() * p.element_size() for p in params.parameters())
+    dense_grad_bytes = sum(p.numel() * p.element_size() for p in setting.dense.parameters())
+    for row in rows:
+        row["expert_weight_bytes"] = expert_bytes
+        row["dense_weight_bytes"] = dense_grad_bytes
+    return rows
+
+
+def run_in_fresh_process(args, device: str, tokens: int, experts: int, k: int) -> list[dict]:
+    """``run_setting`` in a new interpreter (spawned, so no allocator or CUDA state is shared)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+        return pool.submit(run_setting, args, device, tokens, experts, k).result()
+
+
+def main(argv=None) -> int:
+    """CLI entry point; returns 0 (argument errors exit 2, as argparse does)."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
+    print(
+        f"benchmark_moe_layer: {info['cpu']}, {info['cpus_available']} of {info['cpu_count']} "
+        f"cores available, torch {info['torch']} with {args.threads} threads"
+        + (f", GPU {info['gpu']}" if "gpu" in info else "")
+        + (f", malloc env {info['malloc_env']}" if info["malloc_env"] else ""),
+        flush=True,
+    )
+    rows = []
+    for device in args.devices:
+        for tokens in args.tokens:
+            for experts in args.experts:
+                for k in args.topk:
+                    if k > experts:
+                        continue
+                    print(f"{device} T={tokens} E={experts} k={k}", flush=True)
+                    rows.extend(run_in_fresh_process(args, device, tokens, experts, k))
+    summary = summarise(rows)
+    checks = target_checks(summary, args)
+    tables = markdown_tables(summary)
+    print(tables)
+    if checks:
+        print(f"\nTargets ({target_setting_text()}; CPU runs fp32):")
+        for c in checks:
+            status = "INFO" if "ok" not in c else ("PASS" if c["ok"] else "FAIL")
+            print(f"  [{status}] {c['check']}: {c['value']:.2f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": info,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+        "summary": summary,
+        "targets": checks,
+        "markdown": tables,
+    }
+    args.json.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

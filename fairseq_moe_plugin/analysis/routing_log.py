@@ -1,0 +1,204 @@
+"""Record a trained MoE translation model's routing, token by token: the routing log.
+
+``load_checkpoint`` loads the model in eval mode with dropless routing; ``pair_tasks`` gives one
+task per translation direction (so every token knows its language); ``record_split`` runs a
+data split through the model and turns the ``MoERecord``s its forward returns
+(``net_output[1]["moe_records"]``) into one row per (non-padding token, MoE layer): the arrays
+``routing_analysis.py`` documents.
+
+Teacher-forced by default (the decoder reads the reference). With generation options, the
+decoder reads the generator's best hypothesis instead, decoded again with teacher forcing from
+the generator's first token: dropless routing is per token, and full decoding equals incremental
+decoding, so this routes exactly as beam search did (a test checks it).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..modules import MoELayer  # importing the package registers the models, allow-lists globals
+from ..naming import layer_side
+
+
+def load_checkpoint(path, data=None):
+    """``(model, cfg, moe_layers)``: the model in eval mode with dropless routing, its config and
+    its MoE layers in model order. ``data`` overrides the checkpoint's data directory."""
+    from fairseq import checkpoint_utils
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    overrides = {"data": str(data)} if data else {}
+    models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task(
+        [str(path)], arg_overrides=overrides
+    )
+    model = models[0].eval()
+    moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if not moe_layers:
+        raise ValueError(f"{path}: the model has no MoE layer (a dense checkpoint?)")
+    for layer in moe_layers:
+        layer.gate.eval_capacity_factor = 0.0  # dropless: a token's routing is its own
+    return model, cfg, moe_layers
+
+
+def pair_tasks(cfg):
+    """One task per translation direction: ``[((src, tgt), task)]``."""
+    from fairseq import tasks
+
+    task_cfg = cfg.task
+    name = getattr(task_cfg, "_name", None) or getattr(task_cfg, "task", None)
+    if name == "translation_multi_simple_epoch":
+        result = []
+        pairs = task_cfg.lang_pairs  # "en-de,en-fr", or a list once fairseq has parsed it
+        for pair in pairs.split(",") if isinstance(pairs, str) else list(pairs):
+            one = copy.deepcopy(task_cfg)
+            one.lang_pairs = pair if isinstance(pairs, str) else [pair]
+            one.source_lang, one.target_lang = pair.split("-")
+            result.append((tuple(pair.split("-")), tasks.setup_task(one)))
+        return result
+    if name == "translation":
+        task = tasks.setup_task(task_cfg)
+        return [((task.cfg.source_lang, task.cfg.target_lang), task)]
+    raise ValueError(
+        f"task {name!r} is not supported: the routing log reads translation and "
+        "translation_multi_simple_epoch checkpoints"
+    )
+
+
+def generation_options(**overrides):
+    """fairseq-generate's generation options (``GenerationConfig``, its defaults) with
+    ``overrides``, e.g. ``generation_options(beam=1, max_len_b=8)``."""
+    from fairseq.dataclass.configs import GenerationConfig
+
+    names = {f.name for f in fields(GenerationConfig) if not f.name.startswith("_")}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"not fairseq generation options: {unknown}")
+    return GenerationConfig(**overrides)
+
+
+def _positions(tokens, pad):
+    """B x T token ids -> B x T position of each token among its row's non-padding tokens."""
+    return (tokens.ne(pad).long().cumsum(1) - 1).clamp_min(0)
+
+
+def records_to_rows(records, src_tokens, dec_tokens, pad, layer_ids) -> dict[str, np.ndarray]:
+    """Token rows (one per routed token and layer) from a forward's ``MoERecord``s.
+
+    ``src_tokens`` (B x S) and ``dec_tokens`` (B x T) are the encoder's and decoder's inputs;
+    ``layer_ids`` maps a layer's module name to its index in the log."""
+    rows = {key: [] for key in ("layer", "b", "position", "token", "experts", "weights", "entropy")}
+    tokens_of = {"encoder": src_tokens, "decoder": dec_tokens}  # B x S, B x T
+    positions_of = {side: _positions(tokens, pad) for side, tokens in tokens_of.items()}
+    for record in records:
+        side = layer_side(record.layer)
+        T, B = record.input_shape  # time-major
+        flat = record.token_index  # N: t * B + b
+        if flat is None:
+            flat = torch.arange(T * B)
+        t, b = flat // B, flat % B
+        rows["layer"].append(np.full(len(flat), layer_ids[record.layer]))
+        rows["b"].append(b.numpy())
+        rows["position"].append(positions_of[side][b, t].numpy())
+        rows["token"].append(tokens_of[side][b, t].numpy())
+        rows["experts"].append(record.expert_index.numpy())  # N x k
+        rows["weights"].append(record.expert_weight.float().numpy())  # N x k
+        rows["entropy"].append(record.token_entropy.float().numpy())  # N
+    return {k: np.concatenate(v) for k, v in rows.items()}
+
+
+def generated_decoder_input(model, task, sample, generation):
+    """Decoder inputs that reproduce the generator's best hypotheses (``[first token] +
+    hypo[:-1]``, B x T padded) and the hypotheses; ``generation``: ``generation_options()``."""
+    from fairseq.data import data_utils
+
+    # The generator calls ``decoder.forward`` directly (no module hooks): watch its first call.
+    first = {}
+    forward = model.decoder.forward
+
+    def watched(prev_output_tokens, *args, **kwargs):
+        first.setdefault("t", prev_output_tokens[:, 0].clone())
+        return forward(prev_output_tokens, *args, **kwargs)
+
+    generator = task.build_generator([model], generation)
+    model.decoder.forward = watched
+    try:
+        with torch.no_grad():
+            hypos = task.inference_step(generator, [model], sample)
+    finally:
+        del model.decoder.forward
+    bsz = sample["net_input"]["src_tokens"].size(0)
+    starts = first["t"].view(bsz, -1)[:, 0]  # B: the first token of each sentence's beams
+    seqs = [torch.cat([starts[i : i + 1], h[0]["tokens"][:-1]]) for i, h in enumerate(hypos)]
+    pad = task.target_dictionary.pad()
+    return data_utils.collate_tokens(seqs, pad, left_pad=False), [h[0]["tokens"] for h in hypos]
+
+
+def _batches(task, split, max_tokens, max_sentences):
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"split {split!r} of {task.cfg.source_lang}-{task.cfg.target_lang} is empty"
+        )
+    return task.get_batch_iterator(
+        dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences, seed=1,
+        required_batch_size_multiple=1,
+    ).next_epoch_itr(shuffle=False)  # fmt: skip
+
+
+def record_split(model, moe_layers, pairs, split, max_tokens, max_sentences, generation=None):
+    """Run ``split`` of every direction of ``pairs`` (``pair_tasks``) through the model.
+
+    ``generation``: None for teacher forcing, else ``generation_options(...)`` to route the
+    decoder on the generator's output. Returns the routing log's arrays and the hypotheses
+    (``{"src-tgt:id": text}``, empty when teacher-forced)."""
+    layer_names = [m.name for m in moe_layers]
+    layer_ids = {n: i for i, n in enumerate(layer_names)}
+    is_decoder = np.array([layer_side(n) == "decoder" for n in layer_names])
+    langs = sorted({lang for pair, _ in pairs for lang in pair})
+    cols = {k: [] for k in ("layer", "sentence", "batch", "position", "token", "lang", "pair",
+                            "experts", "weights", "entropy")}  # fmt: skip
+    batch_no, hypotheses = 0, {}
+    for p, ((src, tgt), task) in enumerate(pairs):
+        pad = task.source_dictionary.pad()
+        for sample in _batches(task, split, max_tokens, max_sentences):
+            net_input = dict(sample["net_input"])
+            if generation is not None:
+                net_input["prev_output_tokens"], hyps = generated_decoder_input(
+                    model, task, sample, generation
+                )
+                for sid, h in zip(sample["id"].tolist(), hyps, strict=True):
+                    hypotheses[f"{src}-{tgt}:{sid}"] = task.target_dictionary.string(h)
+            with torch.no_grad():
+                _, extra = model(**net_input)
+            rows = records_to_rows(extra["moe_records"], net_input["src_tokens"],
+                                   net_input["prev_output_tokens"], pad, layer_ids)  # fmt: skip
+            n = len(rows["layer"])
+            side_is_dec = is_decoder[rows["layer"]]
+            cols["layer"].append(rows["layer"])
+            cols["sentence"].append(sample["id"].numpy()[rows["b"]])
+            cols["batch"].append(np.full(n, batch_no))
+            cols["position"].append(rows["position"])
+            cols["token"].append(rows["token"])
+            cols["lang"].append(np.where(side_is_dec, langs.index(tgt), langs.index(src)))
+            cols["pair"].append(np.full(n, p))
+            for key in ("experts", "weights", "entropy"):
+                cols[key].append(rows[key])
+            batch_no += 1
+    dictionary = pairs[0][1].source_dictionary
+    log = {k: np.concatenate(v) for k, v in cols.items()}
+    log.update(
+        layer_names=np.array(layer_names), langs=np.array(langs),
+        pairs=np.array([f"{s}-{t}" for (s, t), _ in pairs]),
+        vocab=np.array([dictionary[i] for i in range(len(dictionary))]),
+        num_experts=np.array(moe_layers[0].num_experts), k=np.array(moe_layers[0].gate.k),
+    )  # fmt: skip
+    for key in ("layer", "lang", "pair", "experts"):
+        log[key] = log[key].astype(np.int16)
+    return log, hypotheses
