@@ -11,5 +11,7 @@ Each module has ``main(argv=None) -> int`` and a console command (setup.py's ent
 - ``benchmark_moe_layer`` (``fairseq-moe-benchmark-layer``): the MoE layer against the dense
   limit and public MoE patterns (``moe_layer_references``: those baselines;
   ``benchmark_moe_layer_report``: its summary, targets and tables);
+- ``benchmark_expert_parallel`` (``fairseq-moe-benchmark-ep``): expert parallelism measured at
+  W = 1, 2, 4 processes, and modelled for 8-512 GPUs (``ep_cost_model``);
 - ``flags_table`` (``fairseq-moe-flags``): the README's table of MoE flags.
 """

@@ -5,6 +5,12 @@ is not allow-listed, so a checkpoint cannot run code when loaded. fairseq checkp
 than tensors: the training config (an ``argparse.Namespace`` for the legacy models), and, when
 trained with ``--eval-bleu`` or another best-checkpoint metric computed by numpy, numpy scalars
 and arrays. We allow-list exactly those globals, and never turn weights-only loading off.
+
+One more place unpickles: when several processes resume, fairseq's rank 0 loads the checkpoint
+file (weights-only, as above) and broadcasts it to the others, pickled, with the configuration
+turned into omegaconf containers and its tensors replaced by placeholders. The omegaconf and
+placeholder classes those receivers need (``BROADCAST_GLOBALS``) are allowed only while they
+unpickle such a broadcast from their own job's rank 0 (``fairseq_fixes``), never for a file.
 """
 
 from __future__ import annotations
@@ -50,3 +56,17 @@ def allow_fairseq_checkpoint_globals() -> None:
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:  # torch < 2.4 has no weights-only default, nothing to do
         add(SAFE_GLOBALS)
+
+
+def broadcast_globals() -> list[object]:
+    """What fairseq's ``broadcast_object`` pickles beyond ``SAFE_GLOBALS`` (see the module doc)."""
+    import typing
+    from collections import defaultdict
+
+    from fairseq.distributed.utils import _TensorPlaceholder
+    from omegaconf import DictConfig, ListConfig
+    from omegaconf.base import ContainerMetadata, Metadata
+    from omegaconf.nodes import AnyNode
+
+    return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, typing.Any, dict,
+            list, int, defaultdict, _TensorPlaceholder]  # fmt: skip

@@ -9,14 +9,17 @@ Plain Python and torch (no fairseq), so it is testable alone; the MoE criteria o
   ``interval`` updates, then checked and reset. Update numbers come from the caller (the
   criterion reads the model's ``num_updates``).
 - Validation: counts of the batches seen in eval mode are summed and checked once the
-  validation is over, i.e. at the next training batch, or at ``flush_validation()`` / interpreter exit for a
-  final validation.
+  validation is over, i.e. at the next training batch, or at ``flush_validation()`` /
+  interpreter exit for a final validation.
 - Thresholds, for a layer with E experts and shares s_e = count_e / sum(count):
   ``s_e < low / E`` or ``s_e > high / E`` is imbalance (a warning naming layer and experts);
   ``max_e s_e > collapse`` or any ``s_e == 0`` is a routing collapse.
-- Distributed training: training-window counts are summed over workers (``all_reduce``) at the
-  check, which every worker reaches at the same update; a validation is checked on the worker's
-  own share of it; only rank 0 writes the warnings.
+- Distributed training: counts are summed over workers (``all_reduce``) at the check, which
+  every worker reaches at the same update: a training window's at its last update, a
+  validation's at the next training batch. Only rank 0 writes the warnings. A final validation,
+  checked at exit where no collective can run, is checked on the worker's own share (its
+  warning says so). fairseq pads a worker's share of the validation set with a repeated
+  batch, whose routing is counted like any other (fairseq drops it from the metrics only).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..modules.record import MoERecord
-from ..naming import short_name
+from ..naming import layer_order, short_name
 
 logger = logging.getLogger(__name__)
 
@@ -127,22 +130,26 @@ def health_messages(health: LayerHealth, where: str, thresholds: HealthThreshold
     return lines
 
 
+def _is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _is_rank_zero() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _counts_as_lists(counts: dict[str, torch.Tensor], reduce: bool) -> dict[str, list[float]]:
-    """Per-layer counts as lists, summed over the workers first when ``reduce`` and running
-    distributed."""
+    """Per-layer counts as lists, in model order, summed over the workers first when ``reduce``
+    and running distributed (every worker sends its layers in the same order)."""
     dist = torch.distributed
+    names = sorted(counts, key=layer_order)
     if reduce and dist.is_available() and dist.is_initialized() and counts:
-        names = sorted(counts)
         flat = torch.cat([counts[n].double() for n in names])
         dist.all_reduce(flat)
         sizes = [counts[n].numel() for n in names]
         return {n: c.tolist() for n, c in zip(names, flat.split(sizes), strict=True)}
-    return {n: c.double().tolist() for n, c in counts.items()}
+    return {n: counts[n].double().tolist() for n in names}
 
 
 class _Window:
@@ -246,22 +253,23 @@ class RoutingMonitor:
             self._epoch_imbalanced += any(h.imbalanced for h in check.layers)
         return check
 
-    def flush_validation(self) -> Check | None:
+    def flush_validation(self, reduce: bool = True) -> Check | None:
         """Check the counts of the validation batches seen since the last training batch (None
-        when there were none). In distributed training this is the worker's own share of the
-        validation set: workers may see different numbers of batches, so no collective is run
-        (rank 0 writes)."""
+        when there were none), summed over the workers when ``reduce`` (every worker must call
+        it then, as the next training batch does)."""
         if self._valid_batches == 0:
             return None
         where = f"valid after update {self._last_update}, {self._valid_batches} batches"
+        if not reduce and _is_distributed():
+            where += ", this worker's share"
         self._valid_batches = 0
-        return self._check(self._valid.take(), where, reduce=False)
+        return self._check(self._valid.take(), where, reduce=reduce)
 
     @staticmethod
     def _flush_at_exit(ref) -> None:
         monitor = ref()
         if monitor is not None:
-            monitor.flush_validation()
+            monitor.flush_validation(reduce=False)  # no collective at exit
 
     def end_epoch(self, balance_weight: float) -> float:
         """Close an epoch; return the balance-loss weight for the next one (raised by

@@ -7,9 +7,11 @@ from argparse import Namespace
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+import torch.distributed as dist
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import get_available_activation_fns
 
+from ..modules.expert_parallel import expert_parallel_groups
 from ..modules.gate import check_routing_options
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,16 @@ class MoEConfig(FairseqDataclass):
             "Reuse saves page-faulting E x d_ff x d_model of new memory per MoE layer and update "
             "(the README's performance section measures it) but keeps those buffers allocated "
             "between updates; no effect on GPU"
+        },
+    )
+    moe_expert_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "expert parallelism: shard every MoE layer's experts over groups of this many "
+            "processes (E/P experts each; tokens travel to their experts by all-to-all); the "
+            "W/P groups are data-parallel replicas. Must divide --moe-expert-count and the "
+            "number of processes; 1 = every process holds all experts. Checkpoints are "
+            "consolidated: they load with any other value, and on one process"
         },
     )
     moe_init_from_dense: Optional[str] = field(
@@ -143,7 +155,12 @@ def validate_moe_args(args: Namespace) -> None:
         raise ValueError(f"{arch}: {msg}")
 
     try:  # E, k and jitter: the one check the gate and the experts use too
-        check_routing_options(args.moe_expert_count, args.moe_top_k, args.moe_jitter_eps)
+        check_routing_options(
+            args.moe_expert_count,
+            args.moe_top_k,
+            args.moe_jitter_eps,
+            args.moe_expert_parallel_size,
+        )
     except ValueError as err:
         fail(str(err))
     for flag in ("encoder_moe_freq", "decoder_moe_freq"):
@@ -163,6 +180,7 @@ def validate_moe_args(args: Namespace) -> None:
             logger.warning(
                 f"--{side}-moe-freq {freq} > --{side}-layers {layers}: the {side} has no MoE layer"
             )
+    _validate_expert_parallel(args, fail)
     if args.moe_upcycle_noise < 0:
         fail(f"--moe-upcycle-noise must be >= 0, got {args.moe_upcycle_noise}")
     if args.moe_init_from_dense and not args.moe_normalize_top_k:
@@ -175,4 +193,50 @@ def validate_moe_args(args: Namespace) -> None:
         logger.warning(
             "--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "
             "the router then learns only from the balance and z losses"
+        )
+
+
+# fairseq DDP backends that leave the expert shards (``p.expert``) out of their all-reduce.
+EXPERT_PARALLEL_DDP_BACKENDS = ("c10d", "pytorch_ddp", "legacy_ddp", "no_c10d")
+
+
+def _validate_expert_parallel(args: Namespace, fail) -> None:
+    """The settings --moe-expert-parallel-size P > 1 needs (``fail`` raises with the arch)."""
+    size = args.moe_expert_parallel_size  # >= 1 and dividing E: check_routing_options
+    if size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return  # one process holds every expert (a checkpoint trained with P > 1 loads so)
+    try:  # the layout's own check that P divides the number of processes (builds the groups)
+        expert_parallel_groups(size)
+    except ValueError as err:
+        fail(str(err))
+    backend = str(getattr(args, "ddp_backend", "pytorch_ddp"))
+    if backend not in EXPERT_PARALLEL_DDP_BACKENDS:
+        fail(
+            f"--ddp-backend {backend} cannot keep sharded experts out of its all-reduce; "
+            f"use one of {', '.join(EXPERT_PARALLEL_DDP_BACKENDS)} with --moe-expert-parallel-size"
+        )
+    flat_fp16 = (getattr(args, "fp16", False) or getattr(args, "bf16", False)) and not (
+        getattr(args, "memory_efficient_fp16", False)
+        or getattr(args, "memory_efficient_bf16", False)
+        or getattr(args, "fp16_no_flatten_grads", False)
+    )
+    if flat_fp16:
+        fail(
+            "--fp16/--bf16 flatten every parameter into one fp32 buffer, which cannot hold "
+            "sharded experts apart; add --fp16-no-flatten-grads (or use "
+            "--memory-efficient-fp16/--memory-efficient-bf16) with --moe-expert-parallel-size"
+        )
+    if getattr(args, "eval_bleu", False):
+        fail(
+            "--eval-bleu generates a different number of steps on each process, which the "
+            "experts' all-to-all cannot follow; score with fairseq-generate after training"
+        )
+    layerdrop = (
+        getattr(args, "encoder_layerdrop", 0) or 0,
+        getattr(args, "decoder_layerdrop", 0) or 0,
+    )
+    if any(layerdrop):
+        fail(
+            "LayerDrop skips different layers on different processes, which the experts' "
+            "all-to-all cannot follow; set --encoder-layerdrop 0 --decoder-layerdrop 0"
         )

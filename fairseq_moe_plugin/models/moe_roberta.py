@@ -20,6 +20,7 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_hasattr
 
+from ..expert_parallel_training import keep_shards_out_of_ddp
 from ..modules.experts import StackedExperts
 from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
 from .moe_encoder_decoder import MoETransformerEncoder
@@ -32,10 +33,7 @@ def init_experts_like_bert(module: nn.Module) -> None:
     every stacked expert."""
     for m in module.modules():
         if isinstance(m, StackedExperts):
-            for weight in (m.fc1_weight, m.fc2_weight):
-                nn.init.normal_(weight, mean=0.0, std=0.02)
-            for bias in (m.fc1_bias, m.fc2_bias):
-                nn.init.zeros_(bias)
+            m.reset_parameters(std=0.02)
 
 
 class MoERobertaEncoder(RobertaEncoder):
@@ -90,6 +88,7 @@ class MoERobertaModel(NumUpdatesMixin, RobertaModel):
             args.max_positions = args.tokens_per_sample
         model = cls(args, MoERobertaEncoder(args, task.source_dictionary))
         maybe_upcycle(model, args)
+        keep_shards_out_of_ddp(model)
         return model
 
 

@@ -22,6 +22,7 @@ from fairseq.models.transformer.transformer_legacy import (
     transformer_wmt_en_de_big,
 )
 
+from ..expert_parallel_training import keep_shards_out_of_ddp
 from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
 from .moe_encoder_decoder import MoETransformerDecoder, MoETransformerEncoder
 from .upcycle import maybe_upcycle
@@ -57,6 +58,7 @@ class MoETransformerModel(NumUpdatesMixin, TransformerModel):
         validate_moe_args(args)
         model = super().build_model(args, task)
         maybe_upcycle(model, args)
+        keep_shards_out_of_ddp(model)
         return model
 
     @classmethod

@@ -90,7 +90,8 @@ def upcycle(model: torch.nn.Module, dense: dict, noise: float = 0.0, router_init
                 _check_shape(name, tuple(target.shape[1:]), dense_name, weight, source)
                 target.copy_(weight.unsqueeze(0).expand_as(target))
                 if noise > 0 and suffix.endswith("weight"):
-                    target.add_(torch.randn_like(target) * noise * weight.float().std())
+                    stack = model.get_submodule(name[: -len(suffix)] + "moe.experts")
+                    stack.add_noise_(suffix.rsplit(".", 1)[1], noise * float(weight.float().std()))
                 used.add(dense_name)
                 experts += 1
                 continue

@@ -8,6 +8,18 @@ Weights are stored stacked, expert-major, in ``nn.Linear`` layout:
 
 so that expert ``e`` is exactly ``fc2(dropout(act(fc1(x))))`` with ``fc1.weight = fc1_weight[e]``,
 and so that the stack can be computed as grouped matrix multiplies or sharded along dim 0.
+
+With expert parallelism (``expert_parallel.py``) a rank holds only its E/P experts, rows
+``[first_expert, first_expert + E/P)`` of the stack, and marks them ``p.expert = True`` (fairseq's
+marker for parameters outside data-parallel all-reduce). What does not depend on the layout:
+
+- initialisation: expert e is drawn from its own generator, seeded by one draw of the global RNG
+  and e, so its weights are the same whatever P, and so is everything initialised after it;
+- the state dict: ``state_dict()`` gathers the shards into the full E x ... stack (a collective:
+  every rank of the expert-parallel group calls it, as fairseq's checkpoint saving does), and
+  ``load_state_dict`` takes a full stack and keeps this rank's rows. A checkpoint saved at any P
+  loads at any other, on one process too.
+
 Plain arguments; no fairseq needed.
 """
 
@@ -17,9 +29,11 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .expert_parallel import ExpertParallelGroups
 from .gate import check_routing_options
 from .grad_buffers import GradientBuffers
 from .grouped_ffn import DispatchPlan, grouped_expert_ffn
@@ -54,7 +68,10 @@ class StackedExperts(nn.Module):
         reuse_grad_buffers: on CPU, reuse the stacked weight-gradient buffers across updates when
             nothing else holds them (see ``grad_buffers.py``); they stay allocated between
             updates, and ``eval()`` frees them.
+        expert_parallel: the expert-parallel layout; None (default) holds all E experts.
     """
+
+    _STACKED = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
     def __init__(
         self,
@@ -64,34 +81,104 @@ class StackedExperts(nn.Module):
         activation_fn: str = "relu",
         activation_dropout: float = 0.0,
         reuse_grad_buffers: bool = True,
+        expert_parallel: ExpertParallelGroups | None = None,
     ):
         super().__init__()
-        check_routing_options(num_experts)
+        parts = 1 if expert_parallel is None else expert_parallel.size
+        check_routing_options(num_experts, expert_parallel_size=parts)
         if d_ff < 1:
             raise ValueError(f"expert FFN size must be >= 1, got {d_ff}")
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # E, over all ranks
+        self.num_local_experts = num_experts // parts  # the experts held here
+        self.first_expert = (
+            0 if expert_parallel is None else expert_parallel.rank * (num_experts // parts)
+        )
+        self.expert_parallel = expert_parallel
         self.d_model = d_model
         self.d_ff = d_ff
         self.activation_name = activation_fn
         self.activation_fn = get_activation_fn(activation_fn)
         self.activation_dropout = activation_dropout
         self.grad_buffers = GradientBuffers(enabled=reuse_grad_buffers)
-        self.fc1_weight = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.fc1_bias = nn.Parameter(torch.empty(num_experts, d_ff))
-        self.fc2_weight = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
-        self.fc2_bias = nn.Parameter(torch.empty(num_experts, d_model))
+        local = self.num_local_experts
+        self.fc1_weight = nn.Parameter(torch.empty(local, d_ff, d_model))
+        self.fc1_bias = nn.Parameter(torch.empty(local, d_ff))
+        self.fc2_weight = nn.Parameter(torch.empty(local, d_model, d_ff))
+        self.fc2_bias = nn.Parameter(torch.empty(local, d_model))
+        if expert_parallel is not None:
+            for p in self.parameters():
+                p.expert = True  # fairseq's marker: not all-reduced with the data-parallel grads
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Each expert initialised as ``nn.Linear`` is (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), the
-        init of fairseq's dense transformer FFN."""
-        for weight, bias in ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias)):
-            bound = 1.0 / math.sqrt(weight.shape[-1])
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
+    @property
+    def local_expert_ids(self) -> range:
+        """The global ids of the experts held here."""
+        return range(self.first_expert, self.first_expert + self.num_local_experts)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Initialise every expert as ``nn.Linear`` is (U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the
+        init of fairseq's dense transformer FFN), or, with ``std``, as BERT's FFNs are
+        (N(0, std) weights, zero biases). Expert e draws from its own generator (see the module
+        doc), so the result does not depend on the expert-parallel layout."""
+        seed = int(torch.randint(0, 2**62, ()).item())  # one draw of the global RNG
+        pairs = ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias))
+        for local, e in enumerate(self.local_expert_ids):
+            generator = torch.Generator().manual_seed(seed + e)
+            for weight, bias in pairs:
+                w, b = torch.empty(weight.shape[1:]), torch.empty(bias.shape[1:])
+                if std is None:
+                    bound = 1.0 / math.sqrt(weight.shape[-1])
+                    w.uniform_(-bound, bound, generator=generator)
+                    b.uniform_(-bound, bound, generator=generator)
+                else:
+                    w.normal_(0.0, std, generator=generator)
+                    b.zero_()
+                weight[local].copy_(w)
+                bias[local].copy_(b)
+
+    @torch.no_grad()
+    def add_noise_(self, name: str, std: float) -> None:
+        """Add N(0, std) noise to every expert's slice of the stacked parameter ``name`` (sparse
+        upcycling), expert e from its own generator as in ``reset_parameters``, so the noise
+        does not depend on the expert-parallel layout."""
+        param = getattr(self, name)
+        seed = int(torch.randint(0, 2**62, ()).item())  # one draw of the global RNG
+        for local, e in enumerate(self.local_expert_ids):
+            generator = torch.Generator().manual_seed(seed + e)
+            noise = torch.randn(param.shape[1:], generator=generator) * std
+            param[local].add_(noise.to(param.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.expert_parallel is None or keep_vars:
+            return
+        for name in self._STACKED:  # the full stack: every rank's shard, in expert order
+            local = destination[prefix + name]
+            full = local.new_empty(self.num_experts, *local.shape[1:])
+            group = self.expert_parallel.group
+            dist.all_gather_into_tensor(full, local.contiguous(), group=group)
+            destination[prefix + name] = full
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):  # fmt: skip
+        for name in self._STACKED:
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if value.dim() and value.shape[0] == self.num_experts:  # the full stack: our rows
+                state_dict[key] = value[
+                    self.first_expert : self.first_expert + self.num_local_experts
+                ]
+            elif value.dim() == 0 or value.shape[0] != self.num_local_experts:
+                error_msgs.append(
+                    f"{key}: the checkpoint holds {value.shape[0] if value.dim() else 0} experts, "
+                    f"this model {self.num_experts} (--moe-expert-count)"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)  # fmt: skip
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on x: M x d_model -> M x d_model."""
+        """Expert ``e`` (counted among the experts held here) on x: M x d_model -> M x d_model."""
         h = self.activation_fn(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))  # M x d_ff
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])  # M x d_model
@@ -111,10 +198,10 @@ class StackedExperts(nn.Module):
             under autocast, else the weights' dtype).
         """
         num_tokens, k = plan.combine_index.shape
-        if len(plan.tokens_per_expert) != self.num_experts or num_tokens != x.shape[0]:
+        if len(plan.tokens_per_expert) != self.num_local_experts or num_tokens != x.shape[0]:
             raise ValueError(
-                f"the plan's tokens_per_expert must have {self.num_experts} entries (one per "
-                f"expert) and cover the {x.shape[0]} tokens of x; it has "
+                f"the plan's tokens_per_expert must have {self.num_local_experts} entries (one "
+                f"per expert held here) and cover the {x.shape[0]} tokens of x; it has "
                 f"{len(plan.tokens_per_expert)} entries for {num_tokens} tokens"
             )
         if weight is not None and weight.shape != (num_tokens, k):
@@ -147,7 +234,9 @@ class StackedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, "
+            f"num_experts={self.num_experts}, local_experts={self.first_expert}-"
+            f"{self.first_expert + self.num_local_experts - 1}, d_model={self.d_model}, "
+            f"d_ff={self.d_ff}, "
             f"activation={self.activation_name}, activation_dropout={self.activation_dropout}, "
             f"reuse_grad_buffers={self.grad_buffers.enabled}"
         )

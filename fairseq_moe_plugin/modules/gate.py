@@ -72,7 +72,9 @@ def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1)
 
 
-def check_routing_options(num_experts: int, k: int = 1, jitter_eps: float = 0.0) -> None:
+def check_routing_options(
+    num_experts: int, k: int = 1, jitter_eps: float = 0.0, expert_parallel_size: int = 1
+) -> None:
     """The one check of the routing sizes (the gate, the experts and the model config call it).
 
     Raises ValueError naming the option both ways, as the gate's argument and as the flag, e.g.
@@ -89,6 +91,11 @@ def check_routing_options(num_experts: int, k: int = 1, jitter_eps: float = 0.0)
         )
     if not 0.0 <= jitter_eps < 1.0:
         raise ValueError(f"jitter_eps (--moe-jitter-eps) must be in [0, 1), got {jitter_eps}")
+    if expert_parallel_size < 1 or num_experts % expert_parallel_size:
+        raise ValueError(
+            f"--moe-expert-parallel-size {expert_parallel_size} must be >= 1 and divide the "
+            f"number of experts (--moe-expert-count) {num_experts}"
+        )
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:

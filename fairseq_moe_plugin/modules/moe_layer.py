@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .expert_parallel import expert_parallel_ffn
 from .experts import StackedExperts
 from .gate import GateOutput, TopKGate, routing_entropy
 from .grouped_ffn import DispatchPlan
@@ -68,7 +69,13 @@ class MoELayer(nn.Module):
 
         gate_out = self.gate(tokens)  # N x k experts and weights, fp32
         plan = DispatchPlan.from_routing(gate_out.expert_index, gate_out.keep, self.num_experts)
-        y_tokens = self.experts(tokens, plan, gate_out.expert_weight)  # N x C
+        groups = self.experts.expert_parallel
+        if groups is None:
+            y_tokens = self.experts(tokens, plan, gate_out.expert_weight)  # N x C
+        else:  # the experts are sharded over ranks: tokens travel to them and back
+            y_tokens = expert_parallel_ffn(
+                tokens, plan, gate_out.expert_weight, self.experts, groups
+            )
 
         if token_index is not None:
             y = y_tokens.new_zeros(x.shape).index_copy(0, token_index, y_tokens)

@@ -30,6 +30,7 @@ from fairseq.modules.transformer_layer import (
 from torch import Tensor
 
 from .checkpointing import checkpointed
+from .expert_parallel import expert_parallel_groups
 from .experts import StackedExperts
 from .gate import TopKGate
 from .moe_layer import MoELayer
@@ -56,6 +57,7 @@ def build_moe_layer(
         activation_fn=moe_cfg.moe_activation_fn or activation_fn,
         activation_dropout=activation_dropout,
         reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
+        expert_parallel=expert_parallel_groups(moe_cfg.moe_expert_parallel_size),
     )
     return MoELayer(gate, experts, name=name)
 
