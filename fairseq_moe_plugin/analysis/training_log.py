@@ -124,9 +124,7 @@ def _read_tensorboard_run(run: Path) -> list[dict[str, float]]:
 
 
 def _read_tensorboard(path: Path) -> dict[str, list[dict[str, float]]]:
-    runs = {
-        d.name: d for d in sorted(path.iterdir()) if d.is_dir() and _LINE_RE.match(f"|{d.name}|")
-    }
+    runs = {d.name: d for d in sorted(path.iterdir()) if d.is_dir() and _TAG_RE.match(d.name)}
     if not runs:  # the event files of one run, directly in the folder
         runs = {TRAIN_INNER: path}
     records = {tag: _read_tensorboard_run(run) for tag, run in runs.items()}
