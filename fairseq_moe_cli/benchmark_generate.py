@@ -62,18 +62,31 @@ def split_arguments(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return bench_parser().parse_known_args(argv)
 
 
-def time_batch_size(task, generator, models, dataset, ids, batch_size):
-    """Time generation over ``ids`` in batches of ``batch_size``; return the figures."""
+def time_batch_size(task, generator, models, dataset, ids, batch_size, device="cpu"):
+    """Time generation over ``ids`` in batches of ``batch_size``; return the figures. On
+    ``cuda`` each batch is copied to the GPU before its timer starts (as fairseq-generate copies
+    it), and the GPU is synchronised before the timer stops."""
+    from fairseq import utils
+
+    def collate(batch):
+        sample = dataset.collater([dataset[i] for i in batch])
+        return utils.move_to_cuda(sample) if device == "cuda" else sample
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
-    warm = dataset.collater([dataset[i] for i in batches[0]])
     with torch.no_grad():
-        task.inference_step(generator, models, warm)
+        task.inference_step(generator, models, collate(batches[0]))
     latencies, tokens = [], 0
     for batch in batches:
-        sample = dataset.collater([dataset[i] for i in batch])
+        sample = collate(batch)
+        sync()
         start = time.perf_counter()
         with torch.no_grad():
             hypos = task.inference_step(generator, models, sample)
+        sync()
         latencies.append(time.perf_counter() - start)
         tokens += sum(int(h[0]["tokens"].numel()) for h in hypos)
     total = sum(latencies)
@@ -114,11 +127,14 @@ def main(argv=None) -> int:
     models, _ = checkpoint_utils.load_model_ensemble(
         utils.split_paths(cfg.common_eval.path), task=task
     )
+    device = "cuda" if torch.cuda.is_available() and not cfg.common.cpu else "cpu"
     for model in models:
         model.eval()
         if cfg.common.fp16:
             model.half()
-        if torch.cuda.is_available() and not cfg.common.cpu:
+        if cfg.common.bf16:
+            model.bfloat16()
+        if device == "cuda":
             model.cuda()
     task.load_dataset(cfg.dataset.gen_subset)
     dataset = task.dataset(cfg.dataset.gen_subset)
@@ -131,9 +147,9 @@ def main(argv=None) -> int:
         "beam": cfg.generation.beam,
         "threads": torch.get_num_threads(),
         "cores": os.cpu_count(),
-        "device": "cuda" if torch.cuda.is_available() and not cfg.common.cpu else "cpu",
+        "device": device,
         "torch": torch.__version__,
-        "runs": [time_batch_size(task, generator, models, dataset, ids, b) for b in sizes],
+        "runs": [time_batch_size(task, generator, models, dataset, ids, b, device) for b in sizes],
     }
     print("| batch | sentences | p50 ms/batch | p95 ms/batch | ms/sentence | sent/s | tok/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

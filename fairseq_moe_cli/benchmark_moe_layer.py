@@ -4,13 +4,18 @@
     fairseq-moe-benchmark-layer --tokens 8192 --experts 64 --topk 1
 
 (or ``python scripts/benchmark_moe_layer.py ...``). For every setting (T tokens, E experts,
-top-k; the sizes and their defaults are the flags, see ``--help``) it times, in one process, on
-identical weights and inputs (``moe_layer_references.py``):
+top-k, and the allocator set-up, see below; the sizes and their defaults are the flags, see
+``--help``) it times, in one process, on identical weights and inputs
+(``moe_layer_references.py``):
 
 - ``moe``: the product's ``MoELayer`` (router, sort-based dispatch, grouped experts), dropless,
   so its expert FLOPs equal the dense limit's exactly;
 - ``moe_fresh_grads``: the same with weight-gradient buffer reuse off (fwd+bwd only);
 - ``dense``: the limit, one FFN of hidden size k*d_ff with the same activation, no router;
+- ``grouped_mm``: dropless sort-based dispatch on ``torch.nn.functional.grouped_mm`` (or
+  ``torch._grouped_mm``), torchtitan's pattern, with the router in its forward as ``moe`` has.
+  Skipped, with the reason printed, where this torch has neither, where C or F rows are not
+  16-byte multiples, or where its first step fails (e.g. a GPU without grouped GEMM kernels);
 - ``naive_loop`` / ``naive_loop_modules``: HF Mixtral/Qwen-MoE's per-expert loop over stacked
   weights indexed per expert / over one ``nn.Linear`` pair per expert;
 - ``einsum``: GShard's one-hot T x E x C dispatch/combine (fairseq's moe/nllb branches), capacity
@@ -19,12 +24,29 @@ identical weights and inputs (``moe_layer_references.py``):
 
 Protocol: each setting runs in a fresh process (so the gigabytes one setting's references
 allocate do not change the allocator state the next setting starts from), with torch threads set
-by ``--threads``; ``fwd`` is a forward without autograd,
-``fwd+bwd`` a training step (forward, backward of a random cotangent, then every gradient set to
-None as fairseq's ``zero_grad`` does); one untimed step of ``moe`` and ``dense`` when the
-setting's process starts, ``--warmup`` untimed runs per measurement, then the median of
-``--repeats`` timed runs (fewer, at least 3, for a reference slower than ``--max-seconds`` per
-measurement). CPU runs fp32; GPU runs bf16 with the device synchronised around each run.
+by ``--threads``, once per allocator set-up of ``--malloc`` (default: both, one after the other):
+
+- ``default``: glibc's malloc as it comes. Blocks above its mmap threshold (dynamic, at most
+  32 MiB) are fresh ``mmap``s, so every step's large activations are page-faulted and
+  zero-filled by the kernel again;
+- ``tuned``: ``TUNED_MALLOC`` (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at
+  16 GiB): large blocks come from the heap and freed memory stays there, so steady-state steps
+  reuse resident pages (the heap can grow to a few times a step's peak first, from
+  fragmentation).
+
+The ``MALLOC_*`` variables and ``glibc.malloc.*`` tunables of the caller's environment are
+removed for both (``default`` means glibc's defaults, not the caller's settings); each process
+reports the malloc environment it saw (``malloc_env``, checked against the one set) and whether a
+64 MiB block came from its heap (``heap_serves_large_blocks``), and every timed row the median
+minor page faults per run (``minor_faults``). An allocator preloaded by ``LD_PRELOAD`` is left as
+is.
+
+``fwd`` is a forward without autograd, ``fwd+bwd`` a training step (forward, backward of a random
+cotangent, then every gradient set to None as fairseq's ``zero_grad`` does); one untimed step of
+``moe`` and ``dense`` when the setting's process starts, ``--warmup`` untimed runs per
+measurement, then the median of ``--repeats`` timed runs (fewer, at least 3, for a reference
+slower than ``--max-seconds`` per measurement). CPU runs fp32; GPU runs bf16 with the device
+synchronised around each run.
 
 Peak memory of one fwd+bwd (weight-gradient buffers cleared first, so gradients are counted):
 on CPU the largest running sum of the allocations minus frees that ``torch.profiler`` records
@@ -39,15 +61,19 @@ tokens per expert as the setting's routing, one choice each: their plan is
 ``DispatchPlan.from_routing(expert_index_sorted.view(-1, 1), all kept, E)``, so its gathers are
 contiguous copies and its combine an identity (what dispatch costs beyond that is in the rest).
 
-Prints a markdown table and the checks of the targets that apply (``moe_layer_report.TARGETS``),
-and writes JSON (``--json``).
+Prints a markdown table (a row per setting and allocator set-up) and the checks of the targets
+that apply (``moe_layer_report.TARGETS``: fwd+bwd at T = 8192 and 32768, E = 8, 16 and 64, k = 1
+and 2, each allocator set-up on its own; a line per check naming its T, E, k and malloc), and
+writes JSON (``--json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -58,9 +84,24 @@ import torch
 from fairseq_moe_plugin.modules import MoELayer, StackedExperts, TopKGate
 from fairseq_moe_plugin.modules.grouped_ffn import DispatchPlan
 
-from .measure import free_memory_bytes, machine_info, peak_bytes, time_runs
-from .moe_layer_references import DenseFFN, EinsumMoE, NaiveLoopMoE, einsum_peak_bytes_estimate
+from .measure import (
+    free_memory_bytes,
+    heap_serves_large_blocks,
+    machine_info,
+    malloc_env,
+    peak_bytes,
+    time_runs,
+)
+from .moe_layer_references import (
+    DenseFFN,
+    EinsumMoE,
+    GroupedMMMoE,
+    NaiveLoopMoE,
+    einsum_peak_bytes_estimate,
+    grouped_mm_skip_reason,
+)
 from .moe_layer_report import (
+    MALLOC_MODES,
     MODES,
     markdown_tables,
     summarise,
@@ -68,7 +109,16 @@ from .moe_layer_report import (
     target_setting_text,
 )
 
-IMPLS = ("moe", "moe_fresh_grads", "dense", "naive_loop", "naive_loop_modules", "einsum")
+IMPLS = ("moe", "moe_fresh_grads", "dense", "grouped_mm", "naive_loop", "naive_loop_modules",
+         "einsum")  # fmt: skip
+# ``--malloc tuned``: glibc serves every block below 16 GiB from its heap instead of a fresh mmap
+# (the default threshold is dynamic, 128 KiB up to 32 MiB), and keeps up to 16 GiB of freed heap
+# top instead of returning it to the kernel (default 128 KiB, dynamic). glibc reads both at
+# process start; set this way (as tunables) the threshold is not capped at the 32 MiB that
+# ``mallopt(M_MMAP_THRESHOLD)`` allows, on glibc 2.36 at least (each process checks:
+# ``heap_serves_large_blocks``). ``MALLOC_TOP_PAD_`` is left alone: it only sizes each heap
+# extension, which changes nothing that is faulted in.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 # The sizes of the grid and of every setting: the flags' defaults, defined here only.
 DEFAULTS = {"tokens": [8192, 32768], "experts": [8, 16, 64], "topk": [1, 2], "d_model": 512,
             "d_ff": 2048, "threads": 2}  # fmt: skip
@@ -92,6 +142,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--devices", nargs="+", default=None, help="cpu and/or cuda (default: cpu, cuda if present)"
     )
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument(
+        "--malloc",
+        choices=(*MALLOC_MODES, "both"),
+        default="both",
+        help="glibc malloc set-up of each setting's process: 'default' = glibc's defaults (any "
+        "MALLOC_* variables and glibc.malloc.* GLIBC_TUNABLES of your environment are removed "
+        "there), 'tuned' = the same plus "
+        + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
+        + " (large buffers stay in the heap, not re-mmapped and zero-filled every step), "
+        "'both' = each setting measured under both, one process each",
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     p.add_argument(
@@ -149,7 +210,9 @@ class Setting:
 
     def module(self, impl: str) -> torch.nn.Module:
         if impl not in self._modules:
-            if impl in ("moe", "moe_fresh_grads"):
+            if impl == "grouped_mm":
+                self._modules[impl] = GroupedMMMoE(self.layer)
+            elif impl in ("moe", "moe_fresh_grads"):
                 self._modules[impl] = self.layer
             elif impl == "dense":
                 self._modules[impl] = self.dense
@@ -253,14 +316,44 @@ class Setting:
         return {"router_s": router_s, "experts_s": experts_s}
 
 
-def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[dict]:
+def malloc_modes(args) -> tuple[str, ...]:
+    return MALLOC_MODES if args.malloc == "both" else (args.malloc,)
+
+
+def malloc_environment(mode: str, environ) -> dict[str, str]:
+    """The environment of a setting's process under allocator set-up ``mode``: ``environ``
+    without its malloc settings (``MALLOC_*`` variables, ``glibc.malloc.*`` entries of
+    ``GLIBC_TUNABLES``), plus ``TUNED_MALLOC`` if ``mode`` is ``tuned``."""
+    env = {k: v for k, v in environ.items() if not k.startswith("MALLOC_")}
+    if "GLIBC_TUNABLES" in env:
+        kept = [
+            t
+            for t in env.pop("GLIBC_TUNABLES").split(":")
+            if t and not t.startswith("glibc.malloc.")
+        ]
+        if kept:
+            env["GLIBC_TUNABLES"] = ":".join(kept)
+    if mode == "tuned":
+        env.update(TUNED_MALLOC)
+    return env
+
+
+def run_setting(
+    args, device: str, tokens: int, experts: int, k: int, malloc: str = "default"
+) -> list[dict]:
     torch.set_num_threads(args.threads)
     setting = Setting(args, device, tokens, experts, k)
     common = {"device": device, "dtype": str(setting.dtype).replace("torch.", "")}
     common.update(tokens=tokens, experts=experts, k=k, d_model=args.d_model, d_ff=args.d_ff)
+    # What this process's malloc runs with, as it sees it: its environment, and whether a block
+    # above glibc's dynamic mmap threshold comes from the heap.
+    common.update(malloc=malloc, malloc_env=malloc_env())
+    common["heap_serves_large_blocks"] = heap_serves_large_blocks()
+    if malloc == "tuned" and common["heap_serves_large_blocks"] is False:
+        print(f"  warning: {TUNED_MALLOC} had no effect: large blocks are still mmapped")
 
-    def times(fn):
-        return time_runs(fn, device, args.warmup, args.repeats, args.max_seconds)
+    def times(fn, faults=None):
+        return time_runs(fn, device, args.warmup, args.repeats, args.max_seconds, faults)
 
     rows = []
     load = setting.load()
@@ -269,6 +362,7 @@ def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[di
             setting.step(impl, "fwd+bwd")()
     for impl in args.impls:
         row_base = dict(common, impl=impl)
+        reason = None
         if impl == "einsum":
             need, free = setting.einsum_estimate(), free_memory_bytes(device)
             if need > args.memory_fraction * free:
@@ -276,17 +370,28 @@ def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[di
                     f"skipped: its T x E x C tensors need about {need / 2**30:.1f} GiB, more than "
                     f"{args.memory_fraction:.0%} of the {free / 2**30:.1f} GiB free"
                 )
-                print(f"  {impl:20s} {reason}", flush=True)
-                rows.append(dict(row_base, skipped=reason))
-                continue
+        if impl == "grouped_mm":
+            reason = grouped_mm_skip_reason(args.d_model, args.d_ff, setting.dtype)
+            if reason is None:
+                try:  # grouped_mm's support differs by backend, dtype and torch version
+                    setting.step(impl, "fwd+bwd")()
+                except RuntimeError as e:
+                    reason = f"grouped_mm failed: {str(e).splitlines()[0]}"
+            reason = reason and f"skipped: {reason}"
+        if reason is not None:
+            print(f"  {impl:20s} {reason}", flush=True)
+            rows.append(dict(row_base, skipped=reason))
+            continue
         for mode in MODES:
             if impl == "moe_fresh_grads" and mode == "fwd":
                 continue  # identical to moe's forward
             step = setting.step(impl, mode)
-            runs = times(step)
+            faults = []
+            runs = times(step, faults)
             median = statistics.median(runs)
             row = dict(row_base, mode=mode, median_s=median, runs=len(runs))
             row["tokens_per_s"] = tokens / median
+            row["minor_faults"] = statistics.median(faults)  # per timed run
             if mode == "fwd+bwd" and not args.no_memory:
                 setting.set_grad_buffer_reuse(impl != "moe_fresh_grads", clear=True)
                 row["peak_bytes"] = peak_bytes(step, device)
@@ -296,6 +401,7 @@ def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[di
                 row.update(setting.breakdown(times))
             print(
                 f"  {impl:20s} {mode:8s} {median * 1e3:10.1f} ms  {row['tokens_per_s']:12,.0f} tok/s"
+                f"  {row['minor_faults']:9,.0f} faults"
                 + (f"  peak {row['peak_bytes'] / 2**20:8.1f} MiB" if "peak_bytes" in row else ""),
                 flush=True,
             )
@@ -309,11 +415,39 @@ def run_setting(args, device: str, tokens: int, experts: int, k: int) -> list[di
     return rows
 
 
-def run_in_fresh_process(args, device: str, tokens: int, experts: int, k: int) -> list[dict]:
-    """``run_setting`` in a new interpreter (spawned, so no allocator or CUDA state is shared)."""
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """``os.environ`` is ``env`` inside (what a spawned process inherits), as before after."""
+    saved = dict(os.environ)
+    try:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
+def run_in_fresh_process(
+    args, device: str, tokens: int, experts: int, k: int, malloc: str = "default"
+) -> list[dict]:
+    """``run_setting`` in a new interpreter (spawned, so no allocator or CUDA state is shared)
+    whose environment has the malloc settings of ``malloc`` (``malloc_environment``); glibc reads
+    them when that process starts. Raises RuntimeError if the process saw other settings."""
+    env = malloc_environment(malloc, os.environ)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
-        return pool.submit(run_setting, args, device, tokens, experts, k).result()
+    with _environment(env):  # the worker is spawned at submit, inheriting os.environ
+        with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
+            rows = pool.submit(run_setting, args, device, tokens, experts, k, malloc).result()
+    for row in rows:
+        if row["malloc_env"] != malloc_env(env):
+            raise RuntimeError(
+                f"malloc {malloc}: the setting's process saw {row['malloc_env']}, "
+                f"expected {malloc_env(env)}"
+            )
+    return rows
 
 
 def main(argv=None) -> int:
@@ -324,8 +458,19 @@ def main(argv=None) -> int:
     print(
         f"benchmark_moe_layer: {info['cpu']}, {info['cpus_available']} of {info['cpu_count']} "
         f"cores available, torch {info['torch']} with {args.threads} threads"
-        + (f", GPU {info['gpu']}" if "gpu" in info else "")
-        + (f", malloc env {info['malloc_env']}" if info["malloc_env"] else ""),
+        + (f", GPU {info['gpu']}" if "gpu" in info else ""),
+        flush=True,
+    )
+    tuned = " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
+    used = {"default": "default (glibc's defaults)", "tuned": f"tuned ({tuned})"}
+    removed = {
+        k: v
+        for k, v in info["malloc_env"].items()
+        if malloc_environment("default", {k: v}) != {k: v}
+    }
+    print(
+        f"malloc: {', '.join(used[m] for m in malloc_modes(args))}, each setting in a process "
+        "of its own" + (f"; removed from its environment: {removed}" if removed else ""),
         flush=True,
     )
     rows = []
@@ -335,8 +480,9 @@ def main(argv=None) -> int:
                 for k in args.topk:
                     if k > experts:
                         continue
-                    print(f"{device} T={tokens} E={experts} k={k}", flush=True)
-                    rows.extend(run_in_fresh_process(args, device, tokens, experts, k))
+                    for malloc in malloc_modes(args):
+                        print(f"{device} T={tokens} E={experts} k={k} malloc={malloc}", flush=True)
+                        rows.extend(run_in_fresh_process(args, device, tokens, experts, k, malloc))
     summary = summarise(rows)
     checks = target_checks(summary, args)
     tables = markdown_tables(summary)

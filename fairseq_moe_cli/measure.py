@@ -1,14 +1,22 @@
-"""Measurement helpers of the benchmarks: the machine, wall-clock runs, peak memory.
+"""Measurement helpers of the benchmarks: the machine, wall-clock runs, page faults, peak
+memory, and what glibc's malloc does with large blocks.
 
 ``peak_bytes`` is hand-written for CPU: torch has no CPU counterpart of
 ``torch.cuda.max_memory_allocated``, so it replays the allocation events ``torch.profiler``
 records (``profile_memory=True``) and returns the largest running sum.
+
+``heap_serves_large_blocks`` probes the C library's malloc: whether a block above glibc's largest
+dynamic mmap threshold (32 MiB on 64-bit) comes from the heap (the mmap threshold was raised,
+e.g. by ``MALLOC_MMAP_THRESHOLD_``) or from a fresh ``mmap``, which the kernel must page-fault
+and zero-fill on first write, every time.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import resource
 import time
 from pathlib import Path
 
@@ -34,11 +42,52 @@ def machine_info(threads: int) -> dict:
         "torch_threads": threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "malloc_env": malloc_env(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def malloc_env(environ=None) -> dict:
+    """The environment variables that set glibc's malloc: ``MALLOC_*`` and ``GLIBC_TUNABLES``."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
+def heap_serves_large_blocks(nbytes: int = 64 * 2**20) -> bool | None:
+    """Whether glibc's malloc serves an ``nbytes`` block from its heap (True) or by a fresh
+    ``mmap`` (False): one ``malloc``, never written (so nothing is faulted in), and ``free``;
+    ``mallinfo2``'s mmapped bytes tell which. None where the C library is not glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = mallinfo2().hblkhd
+    block = libc.malloc(nbytes)
+    if not block:
+        return None
+    mmapped = mallinfo2().hblkhd - before >= nbytes
+    libc.free(block)
+    return not mmapped
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh pages the kernel mapped and zeroed)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def free_memory_bytes(device: str) -> int:
@@ -57,8 +106,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_runs(fn, device: str, warmup: int, repeats: int, max_seconds: float) -> list[float]:
-    """Seconds of each timed run of ``fn`` after ``warmup`` untimed ones."""
+def time_runs(
+    fn, device: str, warmup: int, repeats: int, max_seconds: float, faults: list | None = None
+) -> list[float]:
+    """Seconds of each timed run of ``fn`` after ``warmup`` untimed ones; each timed run's minor
+    page faults are appended to ``faults`` if given."""
     first = None
     for i in range(warmup):
         sync(device)
@@ -72,10 +124,13 @@ def time_runs(fn, device: str, warmup: int, repeats: int, max_seconds: float) ->
     times = []
     for _ in range(repeats):
         sync(device)
+        faults_before = minor_faults()
         start = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
+        if faults is not None:
+            faults.append(minor_faults() - faults_before)
     return times
 
 

@@ -17,6 +17,13 @@ Tokens are flattened, ``T x C`` (T tokens, C = d_model); F = d_ff; E experts; k 
   of its appendix), with one group: a ``T x E x C`` combine tensor built from cumulative-sum
   positions, ``einsum("sec,sm->ecm")`` to dispatch, batched expert matmuls, and
   ``einsum("sec,ecm->sm")`` to combine. It is the pattern of fairseq's moe/nllb branches.
+- ``GroupedMMMoE``: dropless sort-based dispatch on torch's grouped GEMM
+  (``torch.nn.functional.grouped_mm``, or ``torch._grouped_mm`` in older torch), the pattern of
+  torchtitan's dropless MoE: the T*k assignments sorted by expert (stable), the tokens gathered
+  once, one grouped GEMM per FFN layer over the experts' contiguous slices (``offs`` = cumulative
+  counts), the biases repeated per row, then weighted and ``index_add_``-ed back. Autograd differentiates everything (grouped_mm has a backward). It
+  needs the rows' byte strides (``C`` and ``F`` times the element size) to be multiples of 16;
+  ``grouped_mm_skip_reason`` says when it cannot run.
 """
 
 from __future__ import annotations
@@ -145,6 +152,56 @@ class EinsumMoE(nn.Module):
         h = ex.activation_fn(h)  # E x C x F
         expert_out = torch.einsum("ecf,emf->ecm", h, ex.fc2_weight) + ex.fc2_bias.unsqueeze(1)
         return torch.einsum("sec,ecm->sm", combine.to(x.dtype), expert_out)  # T x M
+
+
+def grouped_mm_function():
+    """``torch.nn.functional.grouped_mm``, else ``torch._grouped_mm`` (older torch), else None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_skip_reason(d_model: int, d_ff: int, dtype: torch.dtype) -> str | None:
+    """Why ``GroupedMMMoE`` cannot run with these sizes in this torch, or None if it can."""
+    if grouped_mm_function() is None:
+        return (
+            f"torch {torch.__version__} has neither torch.nn.functional.grouped_mm "
+            "nor torch._grouped_mm"
+        )
+    item = torch.finfo(dtype).bits // 8
+    if (d_model * item) % 16 or (d_ff * item) % 16:
+        return (
+            f"grouped_mm needs row strides in multiples of 16 bytes; d_model {d_model} and "
+            f"d_ff {d_ff} in {str(dtype).replace('torch.', '')} are not"
+        )
+    return None
+
+
+class GroupedMMMoE(nn.Module):
+    """Dropless sort-based dispatch with grouped GEMMs over the product layer's router and
+    stacked experts (see the module doc)."""
+
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer  # shares the router and the stacked experts
+        self.grouped_mm = grouped_mm_function()
+        if self.grouped_mm is None:
+            raise RuntimeError(grouped_mm_skip_reason(1, 1, torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # T x C -> T x C
+        ex = self.layer.experts
+        index, weight = _route(self.layer, x)  # T x k each
+        k = index.shape[1]
+        expert_sorted, order = torch.sort(index.reshape(-1), stable=True)  # M = T*k, by expert
+        counts = torch.bincount(expert_sorted, minlength=self.layer.num_experts)  # E
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # E, end of each expert's rows
+        rows = order.numel()  # M
+        token = torch.div(order, k, rounding_mode="floor")  # M, the token of each row
+        xs = x.index_select(0, token)  # M x C, grouped by expert
+        h = self.grouped_mm(xs, ex.fc1_weight.transpose(1, 2), offs=offs)  # M x F
+        h = ex.activation_fn(h + ex.fc1_bias.repeat_interleave(counts, 0, output_size=rows))
+        o = self.grouped_mm(h, ex.fc2_weight.transpose(1, 2), offs=offs)  # M x C
+        o = o + ex.fc2_bias.repeat_interleave(counts, 0, output_size=rows)
+        o = o * weight.reshape(-1)[order, None].to(o.dtype)  # M x C, weighted
+        return x.new_zeros(x.shape).index_add_(0, token, o)  # T x C
 
 
 def einsum_peak_bytes_estimate(

@@ -2,25 +2,31 @@
 (fairseq_moe_cli/moe_layer_references.py): the references compute what the product layer
 computes, and the dense limit does the experts' matmul FLOPs, so the benchmark compares like with
 like; the einsum memory estimate is a lower bound of the measured peak, and the memory
-measurement is exact on a known allocation pattern; the targets apply where their setting
-matches; the CLI writes its report."""
+measurement is exact on a known allocation pattern; each setting's process gets the allocator
+set-up asked for; the targets apply where their setting matches, and pass or fail on their
+bounds; the CLI writes its report."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_moe_layer import D_MODEL, make_layer, param_grads
 from torch.utils.flop_counter import FlopCounterMode
 
-from fairseq_moe_cli.benchmark_moe_layer import main
+from fairseq_moe_cli.benchmark_moe_layer import TUNED_MALLOC, main, malloc_environment
 from fairseq_moe_cli.measure import peak_bytes
 from fairseq_moe_cli.moe_layer_references import (
     DenseFFN,
     EinsumMoE,
+    GroupedMMMoE,
     NaiveLoopMoE,
     einsum_peak_bytes_estimate,
+    grouped_mm_function,
+    grouped_mm_skip_reason,
 )
 from fairseq_moe_cli.moe_layer_report import summarise, target_checks
 
@@ -56,6 +62,42 @@ def test_references_equal_the_dropless_product_layer(reference, k, normalize):
         for name in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"):
             key = f"experts.{name}"
             torch.testing.assert_close(ref_grads[key], grads[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(grouped_mm_function() is None, reason="this torch has no grouped_mm")
+@pytest.mark.parametrize("k, normalize", [(1, False), (2, True), (3, False)])
+def test_grouped_mm_reference_equals_the_dropless_product_layer(k, normalize):
+    # grouped_mm takes fp32 at most (no fp64) and rows in 16-byte multiples: C 8, F 16 fp32.
+    layer = make_layer(6, k, normalize_top_k=normalize, capacity_factor=0.0, dtype=torch.float32)
+    x = torch.randn(37, D_MODEL)  # T x C
+    x[:, 0] = 10.0  # a constant feature that routes away from the last expert: it gets no rows
+    with torch.no_grad():
+        layer.gate.wg.weight[:, 0] = 1.0
+        layer.gate.wg.weight[-1, 0] = -1.0
+    cotangent = torch.randn_like(x)
+    y, x_grad = _run(layer, x, cotangent, product=True)
+    assert (layer.gate(x).expert_index != 5).all()
+    grads = param_grads(layer)
+    y_ref, x_grad_ref = _run(GroupedMMMoE(layer), x, cotangent, product=False)
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(y_ref, y, **tol)
+    torch.testing.assert_close(x_grad_ref, x_grad, **tol)
+    ref_grads = param_grads(layer)  # the router and the stacked experts are shared
+    for name in ("gate.wg.weight", "experts.fc1_weight", "experts.fc1_bias",
+                 "experts.fc2_weight", "experts.fc2_bias"):  # fmt: skip
+        torch.testing.assert_close(ref_grads[name], grads[name], **tol, msg=name)
+
+
+def test_grouped_mm_skip_reasons(monkeypatch):
+    if grouped_mm_function() is not None:
+        assert grouped_mm_skip_reason(32, 64, torch.float32) is None
+    reason = grouped_mm_skip_reason(30, 64, torch.float32)  # 120-byte rows
+    assert "16 bytes; d_model 30 and d_ff 64 in float32" in reason
+    monkeypatch.delattr(F, "grouped_mm", raising=False)
+    monkeypatch.delattr(torch, "_grouped_mm", raising=False)
+    assert "has neither torch.nn.functional.grouped_mm nor torch._grouped_mm" in (
+        grouped_mm_skip_reason(32, 64, torch.float32)
+    )
 
 
 def test_einsum_capacity_keeps_first_choices_in_token_order():
@@ -134,23 +176,50 @@ def test_peak_bytes_on_a_known_pattern():
     assert peak_bytes(pattern, "cpu") == 4_000_000
 
 
-def test_cli_writes_report_and_checks(tmp_path, capsys):
+def test_malloc_environment_replaces_the_callers_malloc_settings():
+    environ = {"PATH": "/bin", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1",
+               "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.cpu.hwcaps=-AVX2"}  # fmt: skip
+    default = malloc_environment("default", environ)
+    assert default == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}
+    assert malloc_environment("tuned", environ) == dict(default, **TUNED_MALLOC)
+    only_malloc = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}
+    assert malloc_environment("default", only_malloc) == {}
+    assert int(TUNED_MALLOC["MALLOC_MMAP_THRESHOLD_"]) > 32 * 2**20  # above glibc's dynamic max
+
+
+def test_cli_writes_report_and_checks(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "3")  # the caller's own: not passed on
     out = tmp_path / "bench.json"
     argv = ["--tokens", "64", "--experts", "4", "--topk", "1", "2", "--d-model", "16"]
     argv += ["--d-ff", "32", "--warmup", "0", "--repeats", "1", "--json", str(out)]
-    assert main(argv) == 0
+    assert main(argv) == 0  # --malloc both by default
+    assert os.environ["MALLOC_ARENA_MAX"] == "3" and "MALLOC_TRIM_THRESHOLD_" not in os.environ
     printed = capsys.readouterr().out
-    assert "| cpu | 64 | 4 | 1 |" in printed and "**fwd+bwd**" in printed
+    assert "malloc: default (glibc's defaults), tuned (MALLOC_MMAP_THRESHOLD_=" in printed
+    assert "| cpu | 64 | 4 | 1 | default |" in printed and "**fwd+bwd**" in printed
+    assert "| cpu | 64 | 4 | 1 | tuned |" in printed and "| grouped_mm |" in printed
     report = json.loads(out.read_text())
     assert report["machine"]["torch_threads"] == 2
+    for malloc, env in (("default", {}), ("tuned", TUNED_MALLOC)):
+        rows = [r for r in report["rows"] if r["malloc"] == malloc]
+        assert len({(r["k"], r["impl"], r.get("mode")) for r in rows}) == 2 * 13
+        assert all(r["malloc_env"] == env for r in rows)  # as the setting's process saw it
+        assert {r["heap_serves_large_blocks"] for r in rows} <= {None, malloc == "tuned"}
+        assert all(r["minor_faults"] >= 0 for r in rows if "mode" in r)
     impls = {(r["impl"], r.get("mode")) for r in report["rows"]}
-    for impl in ("moe", "dense", "naive_loop", "naive_loop_modules", "einsum"):
+    for impl in ("moe", "dense", "grouped_mm", "naive_loop", "naive_loop_modules", "einsum"):
         assert (impl, "fwd") in impls and (impl, "fwd+bwd") in impls
     assert ("moe_fresh_grads", "fwd+bwd") in impls
-    entry = next(s for s in report["summary"] if s["mode"] == "fwd+bwd" and s["k"] == 2)
+    entry = next(
+        s for s in report["summary"] if (s["mode"], s["k"], s["malloc"]) == ("fwd+bwd", 2, "tuned")
+    )
     assert entry["dense_over_moe"] == pytest.approx(entry["ms"]["dense"] / entry["ms"]["moe"])
+    ratio = entry["ms"]["grouped_mm"] / entry["ms"]["moe"]
+    assert entry["grouped_mm_over_moe"] == pytest.approx(ratio)
     moe_row = next(
-        r for r in report["rows"] if (r["impl"], r.get("mode"), r["k"]) == ("moe", "fwd+bwd", 2)
+        r
+        for r in report["rows"]
+        if (r["impl"], r.get("mode"), r["k"], r["malloc"]) == ("moe", "fwd+bwd", 2, "tuned")
     )
     router_ms, experts_ms = moe_row["router_s"] * 1e3, moe_row["experts_s"] * 1e3
     assert entry["router_share"] == pytest.approx(router_ms / entry["ms"]["moe"])
@@ -163,59 +232,79 @@ def test_cli_writes_report_and_checks(tmp_path, capsys):
 def test_einsum_is_skipped_with_its_estimate(tmp_path, capfd):
     argv = ["--tokens", "64", "--experts", "4", "--topk", "1", "--d-model", "8", "--d-ff", "8"]
     argv += ["--impls", "moe", "einsum", "--memory-fraction", "0", "--no-memory"]
+    argv += ["--malloc", "tuned"]
     argv += ["--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "b.json")]
     assert main(argv) == 0
     printed = capfd.readouterr().out  # printed by the setting's own process, hence capfd
     assert "einsum               skipped: its T x E x C tensors need about" in printed
 
 
+def _rows(tokens, experts, k, malloc, times):
+    return [
+        {"device": "cpu", "tokens": tokens, "experts": experts, "k": k, "malloc": malloc,
+         "mode": "fwd+bwd", "impl": impl, "median_s": s}
+        for impl, s in times.items()
+    ]  # fmt: skip
+
+
+ARGS = {"d_model": 512, "d_ff": 2048, "threads": 2}
+
+
 def test_targets_are_checked_at_the_issue_sizes():
-    summary = summarise(
-        [
-            {
-                "device": "cpu",
-                "tokens": 8192,
-                "experts": 64,
-                "k": 1,
-                "mode": "fwd+bwd",
-                "impl": impl,
-                "median_s": s,
-            }  # fmt: skip
-            for impl, s in (
-                ("moe", 1.0),
-                ("dense", 0.9),
-                ("einsum", 3.5),
-                ("naive_loop", 1.5),
-                ("naive_loop_modules", 1.2),
-            )  # fmt: skip
-        ]
-    )
-    args = type("Args", (), {"d_model": 512, "d_ff": 2048, "threads": 2})
-    checks = {c["check"]: c for c in target_checks(summary, args)}
-    assert checks["E=64 k=1: throughput / dense >= 0.85"]["ok"]  # 0.9
-    assert checks["E=64 k=1: speed-up over einsum >= 3"]["ok"]
-    assert not checks["E=64 k=1: speed-up over the naive loop (HF, stacked experts) >= 2"]["ok"]
-    info = checks["E=64 k=1: speed-up over the per-expert-module loop"]
+    times = {"moe": 1.0, "dense": 0.95, "grouped_mm": 1.2, "einsum": 3.5, "naive_loop": 1.5,
+             "naive_loop_modules": 1.2}  # fmt: skip
+    rows = _rows(32768, 64, 1, "tuned", times)
+    rows += _rows(32768, 64, 1, "default", dict(times, dense=0.85, grouped_mm=0.9))
+    args = type("Args", (), dict(ARGS))
+    checks = {c["check"]: c for c in target_checks(summarise(rows), args)}
+    where = "T=32768 E=64 k=1 malloc=tuned: "
+    dense = checks[where + "throughput / dense (moe time <= 1.1 x dense) >= 0.909"]
+    assert dense["ok"] and dense["value"] == pytest.approx(0.95)  # PASS: 1.0 <= 1.1 x 0.95
+    assert checks[where + "speed-up over grouped_mm >= 1"]["ok"]  # 1.2
+    assert checks[where + "speed-up over einsum >= 3"]["ok"]  # 3.5
+    assert not checks[where + "speed-up over the naive loop (HF, stacked experts) >= 2"]["ok"]
+    info = checks[where + "speed-up over the per-expert-module loop"]
     assert "ok" not in info and info["value"] == pytest.approx(1.2)
+    where = "T=32768 E=64 k=1 malloc=default: "  # the same setting, the other malloc: its own
+    dense = checks[where + "throughput / dense (moe time <= 1.1 x dense) >= 0.909"]
+    assert not dense["ok"] and dense["value"] == pytest.approx(0.85)  # FAIL: 1.0 > 1.1 x 0.85
+    assert not checks[where + "speed-up over grouped_mm >= 1"]["ok"]  # FAIL: 0.9, moe slower
+    assert len(checks) == 2 * 5
     args.threads = 4  # the targets are defined at 2 threads only
-    assert target_checks(summary, args) == []
+    assert target_checks(summarise(rows), args) == []
 
 
 def test_targets_apply_by_their_declared_setting():
-    rows = [
-        {"device": "cpu", "tokens": 8192, "experts": e, "k": 2, "mode": "fwd+bwd", "impl": impl,
-         "median_s": s}
-        for e in (8, 64)
-        for impl, s in (("moe", 1.0), ("dense", 0.88))
-    ]  # fmt: skip
-    rows += [dict(r, tokens=32768) for r in rows[:2]]  # a T the targets are not defined at
-    args = type("Args", (), {"d_model": 512, "d_ff": 2048, "threads": 2})
-    checks = {c["check"]: c for c in target_checks(summarise(rows), args)}
-    assert not checks["E=8 k=2: throughput / dense >= 0.9"]["ok"]  # 0.88 < 0.9 below E = 64
-    assert checks["E=64 k=2: throughput / dense >= 0.85"]["ok"]  # 0.88 >= 0.85 from E = 64
-    assert len(checks) == 2  # nothing at T = 32768, no naive-loop check without that row
+    times = {"moe": 1.0, "dense": 0.92, "grouped_mm": 1.0}
+    rows = [r for e in (8, 16, 64) for r in _rows(8192, e, 2, "default", times)]
+    rows += _rows(8192, 32, 2, "default", times)  # an E the dense and grouped_mm ones skip
+    rows += _rows(4096, 8, 2, "default", times)  # a T the targets are not defined at
+    rows += _rows(8192, 8, 3, "default", times)  # a k the targets are not defined at
+    rows += [dict(r, mode="fwd") for r in _rows(8192, 8, 2, "tuned", times)]  # not fwd+bwd
+    args = type("Args", (), dict(ARGS))
+    checks = target_checks(summarise(rows), args)
+    assert sorted(c["check"].split(":")[0] for c in checks) == sorted(
+        f"T=8192 E={e} k=2 malloc=default" for e in (8, 16, 64) for _ in range(2)
+    )
+    assert all(c["ok"] for c in checks)  # 0.92 >= 1/1.1; grouped_mm as fast as moe: not slower
     args.d_ff = 4096
     assert target_checks(summarise(rows), args) == []
+
+
+def test_target_checks_are_printed_with_their_setting(tmp_path, capsys, monkeypatch):
+    import fairseq_moe_cli.benchmark_moe_layer as bench
+
+    def fake_run(args, device, tokens, experts, k, malloc):
+        times = {"moe": 1.0, "dense": 0.8 if malloc == "default" else 0.95}
+        return [dict(r, d_model=512, d_ff=2048) for r in _rows(tokens, experts, k, malloc, times)]
+
+    monkeypatch.setattr(bench, "run_in_fresh_process", fake_run)
+    argv = ["--tokens", "8192", "--experts", "16", "--topk", "2", "--impls", "moe", "dense"]
+    assert main(argv + ["--json", str(tmp_path / "b.json")]) == 0
+    printed = capsys.readouterr().out
+    bound = "throughput / dense (moe time <= 1.1 x dense) >= 0.909"
+    assert f"[FAIL] T=8192 E=16 k=2 malloc=default: {bound}: 0.80" in printed
+    assert f"[PASS] T=8192 E=16 k=2 malloc=tuned: {bound}: 0.95" in printed
 
 
 @pytest.mark.parametrize(

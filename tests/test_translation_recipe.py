@@ -235,4 +235,20 @@ def test_a_failed_analysis_step_is_recorded_and_the_compare_table_shows_a_dash()
     metrics = {"bleu": {"de": 10.0}, "chrf": {"de": 30.0}, "flops": None, "params": None,
                "generation": None, "train": {"updates": 3, "words_per_s": None}}  # fmt: skip
     row = compare_dense_moe.table({"dense_flops": metrics}).splitlines()[-1]
-    assert row == "| dense_flops | 10.0 | 10.0 | 30.0 | - | - | - | 3 | - | - | - |"
+    assert row == "| dense_flops | 10.0 | 10.0 | 30.0 | - | - | - | 3 | - | - | - | - | - |"
+
+
+def test_compare_prints_the_speed_ratios_of_the_targets():
+    import compare_dense_moe
+
+    def metrics(words, tok1, tok32):
+        runs = [{"batch_size": 1, "tokens_per_s": tok1}, {"batch_size": 32, "tokens_per_s": tok32}]
+        return {"train": {"words_per_s": words}, "generation": {"runs": runs}}
+
+    rows = {"moe": metrics(950, 85, 450), "dense_flops": metrics(1000, 100, 500)}
+    assert compare_dense_moe.speed_ratios(rows) == [
+        "moe / dense_flops, train words/s: 0.95",
+        "moe / dense_flops, gen tok/s (bs 1): 0.85",
+        "moe / dense_flops, gen tok/s (bs 32): 0.90",
+    ]
+    assert compare_dense_moe.speed_ratios({"moe": rows["moe"]}) == []

@@ -39,7 +39,8 @@ def table(rows: dict) -> str:
     langs = list(next(iter(rows.values()))["bleu"])
     head = ["model", *[f"BLEU {lang}" for lang in langs], "BLEU mean", "chrF mean",
             "GFLOPs/tgt token", "params total", "params active", "updates",
-            "train words/s", "gen sent/s (bs 32)", "gen ms/sent (bs 1)"]  # fmt: skip
+            "train words/s", "gen sent/s (bs 32)", "gen tok/s (bs 32)", "gen ms/sent (bs 1)",
+            "gen tok/s (bs 1)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, m in rows.items():
         bleu = [m["bleu"][lang] for lang in langs]
@@ -53,9 +54,31 @@ def table(rows: dict) -> str:
                  _number(params.get("params_active_per_token"), ".1f", 1e6, "M"),
                  str(m["train"]["updates"]), _number(m["train"]["words_per_s"], ".0f"),
                  f"{runs[32]['sentences_per_s']:.1f}" if 32 in runs else "-",
-                 f"{runs[1]['ms_per_sentence']:.0f}" if 1 in runs else "-"]  # fmt: skip
+                 f"{runs[32]['tokens_per_s']:.0f}" if 32 in runs else "-",
+                 f"{runs[1]['ms_per_sentence']:.0f}" if 1 in runs else "-",
+                 f"{runs[1]['tokens_per_s']:.0f}" if 1 in runs else "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def speed_ratios(rows: dict, reference: str = "dense_flops") -> list[str]:
+    """MoE speed over the FLOP-matched dense model's: training words/s and generation tokens/s
+    per batch size (the targets of the performance section); empty without both models."""
+    if "moe" not in rows or reference not in rows:
+        return []
+
+    def speeds(m):
+        out = {"train words/s": m["train"]["words_per_s"]}
+        for r in (m["generation"] or {}).get("runs", []):
+            out[f"gen tok/s (bs {r['batch_size']})"] = r["tokens_per_s"]
+        return out
+
+    moe, ref = speeds(rows["moe"]), speeds(rows[reference])
+    return [
+        f"moe / {reference}, {name}: {moe[name] / ref[name]:.2f}"
+        for name in moe
+        if moe[name] and ref.get(name)
+    ]
 
 
 def main(argv=None) -> int:
@@ -95,10 +118,11 @@ def main(argv=None) -> int:
     out = a.results / a.prefix
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{os.cpu_count()} cores, torch threads default; budget {a.budget_minutes} min each"
-    (out / "table.md").write_text(md + "\n\n" + machine + "\n")
+    ratios = speed_ratios(rows)
+    text = "\n\n".join([md, "\n".join(ratios), machine]).replace("\n\n\n\n", "\n\n")
+    (out / "table.md").write_text(text + "\n")
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(md)
-    print(machine)
+    print(text)
     return 0
 
 

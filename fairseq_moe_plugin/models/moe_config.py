@@ -11,6 +11,7 @@ import torch.distributed as dist
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import get_available_activation_fns
 
+from ..modules.expert_compute import IMPLS
 from ..modules.expert_parallel import expert_parallel_groups
 from ..modules.gate import check_routing_options
 
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 ACTIVATION_CHOICES = ChoiceEnum(get_available_activation_fns())
 UPCYCLE_ROUTER_CHOICES = ChoiceEnum(["random", "zero"])
+EXPERT_IMPL_CHOICES = ChoiceEnum(list(IMPLS))
 
 
 @dataclass
@@ -73,6 +75,16 @@ class MoEConfig(FairseqDataclass):
             "Reuse saves page-faulting E x d_ff x d_model of new memory per MoE layer and update "
             "(the README's performance section measures it) but keeps those buffers allocated "
             "between updates; no effect on GPU"
+        },
+    )
+    moe_expert_impl: EXPERT_IMPL_CHOICES = field(
+        default="auto",
+        metadata={
+            "help": "how the experts' matmuls are issued: auto (default) picks per call: "
+            "grouped_mm (torch's grouped GEMM, no host sync) on a GPU in bf16; on CPU, padded "
+            "(one batched matmul over an experts x rows grid) for inference on few tokens per "
+            "expert, such as a decoding step, else loop (per-expert matmuls with the plugin's "
+            "own backward). Name one to force it; padded is for inference only"
         },
     )
     moe_expert_parallel_size: int = field(

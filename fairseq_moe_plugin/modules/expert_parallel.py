@@ -140,9 +140,9 @@ def expert_parallel_ffn(
         N x C: row t is ``sum_j weight[t, j] * expert_{e_tj}(tokens[t])`` over t's kept choices.
     """
     num_local = experts.num_local_experts
-    counts = torch.tensor(plan.tokens_per_expert, dtype=torch.long)  # E, on the host
-    if groups.group is not None and dist.get_backend(groups.group) == "nccl":
-        counts = counts.to(tokens.device)
+    counts = plan.counts  # E, on the tokens' device; gloo exchanges host tensors
+    if groups.group is None or dist.get_backend(groups.group) != "nccl":
+        counts = counts.cpu()
     recv_counts = torch.empty_like(counts)  # P x E/P: from each peer, for each local expert
     dist.all_to_all_single(recv_counts, counts, group=groups.group)  # 1.
     send_splits = counts.view(groups.size, num_local).sum(1).tolist()

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .expert_compute import IMPLS, grouped_mm_ffn, padded_ffn, pick_impl
 from .expert_parallel import ExpertParallelGroups
 from .gate import check_routing_options
 from .grad_buffers import GradientBuffers
@@ -69,6 +70,8 @@ class StackedExperts(nn.Module):
             nothing else holds them (see ``grad_buffers.py``); they stay allocated between
             updates, and ``eval()`` frees them.
         expert_parallel: the expert-parallel layout; None (default) holds all E experts.
+        impl: how the matmuls are issued (``expert_compute.IMPLS``): ``auto`` (default) picks
+            per call, see ``expert_compute.pick_impl``.
     """
 
     _STACKED = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -82,8 +85,12 @@ class StackedExperts(nn.Module):
         activation_dropout: float = 0.0,
         reuse_grad_buffers: bool = True,
         expert_parallel: ExpertParallelGroups | None = None,
+        impl: str = "auto",
     ):
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"unknown expert implementation {impl!r}; expected one of {IMPLS}")
+        self.impl = impl
         parts = 1 if expert_parallel is None else expert_parallel.size
         check_routing_options(num_experts, expert_parallel_size=parts)
         if d_ff < 1:
@@ -198,11 +205,11 @@ class StackedExperts(nn.Module):
             under autocast, else the weights' dtype).
         """
         num_tokens, k = plan.combine_index.shape
-        if len(plan.tokens_per_expert) != self.num_local_experts or num_tokens != x.shape[0]:
+        if plan.counts.numel() != self.num_local_experts or num_tokens != x.shape[0]:
             raise ValueError(
                 f"the plan's tokens_per_expert must have {self.num_local_experts} entries (one "
                 f"per expert held here) and cover the {x.shape[0]} tokens of x; it has "
-                f"{len(plan.tokens_per_expert)} entries for {num_tokens} tokens"
+                f"{plan.counts.numel()} entries for {num_tokens} tokens"
             )
         if weight is not None and weight.shape != (num_tokens, k):
             raise ValueError(
@@ -216,14 +223,28 @@ class StackedExperts(nn.Module):
             params = tuple(p.to(dtype) for p in params)
         else:
             dtype = self.fc1_weight.dtype
+        x = x.to(dtype)
+        weight = None if weight is None else weight.to(dtype)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or any(p.requires_grad for p in params)
+        )
+        dropout_p = self.activation_dropout if self.training else 0.0
+        # Tracers (fvcore's FLOP count) must see the matrix products of the real rows.
+        impl = "loop" if torch.jit.is_tracing() else pick_impl(self.impl, x, plan, needs_grad)
         with torch.autocast(device_type=device_type, enabled=False):
+            if impl == "grouped_mm":
+                return grouped_mm_ffn(x, plan, weight, *params, self.activation_name, dropout_p)
+            if impl == "padded" and dropout_p == 0:
+                return padded_ffn(x, plan, weight, *params, self.activation_name)
             return grouped_expert_ffn(
-                x.to(dtype),
+                x,
                 plan,
                 *params,
                 activation=self.activation_name,
-                weight=None if weight is None else weight.to(dtype),
-                dropout_p=self.activation_dropout if self.training else 0.0,
+                weight=weight,
+                dropout_p=dropout_p,
                 grad_buffers=self.grad_buffers,
             )
 
@@ -238,5 +259,5 @@ class StackedExperts(nn.Module):
             f"{self.first_expert + self.num_local_experts - 1}, d_model={self.d_model}, "
             f"d_ff={self.d_ff}, "
             f"activation={self.activation_name}, activation_dropout={self.activation_dropout}, "
-            f"reuse_grad_buffers={self.grad_buffers.enabled}"
+            f"reuse_grad_buffers={self.grad_buffers.enabled}, impl={self.impl}"
         )

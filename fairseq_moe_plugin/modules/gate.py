@@ -22,10 +22,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def expert_counts(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many entries of ``expert_index`` (any shape) name each expert: E long.
+
+    ``torch.bincount`` would do, but on CUDA it reads the largest index back to size its output
+    (a host sync per call); a scatter-add into E zeros does not."""
+    flat = expert_index.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
 
 
 def load_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
@@ -47,7 +58,7 @@ def load_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.
     if num_tokens == 0:
         return probs.sum() * 0.0
     k = expert_index.shape[1]
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)
+    counts = expert_counts(expert_index, num_experts)
     f = counts.to(probs.dtype) / (num_tokens * k)  # E
     p = probs.mean(dim=0)  # E
     return num_experts * torch.sum(f * p)
@@ -130,7 +141,7 @@ def capacity_keep_mask(
     order = order[torch.sort(rank_of[order], stable=True).indices]
     order = order[torch.sort(expert_rm[order], stable=True).indices]
     # order now lists assignments grouped by expert, best priority first within each expert.
-    counts = torch.bincount(expert_rm, minlength=num_experts)
+    counts = expert_counts(expert_rm, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     position = torch.arange(order.numel(), device=order.device) - starts[expert_rm[order]]
     keep_rm = torch.empty_like(expert_rm, dtype=torch.bool)
@@ -138,9 +149,34 @@ def capacity_keep_mask(
     return keep_rm.view(k, num_tokens).t()
 
 
+class RouterLosses:
+    """The router statistics that only training and analysis read, computed on first access
+    from the ``logits``, ``probs`` and ``expert_index`` of the class using it (``GateOutput``,
+    ``MoERecord``), so that inference (a decoding step) pays for none of them."""
+
+    logits: torch.Tensor  # N x E
+    probs: torch.Tensor  # N x E
+    expert_index: torch.Tensor  # N x k
+
+    @cached_property
+    def logits_finite(self) -> torch.Tensor:
+        """Scalar bool: no logit is NaN or inf (checked by the criterion)."""
+        return torch.isfinite(self.logits.detach()).all()
+
+    @cached_property
+    def balance_loss(self) -> torch.Tensor:
+        """Scalar, differentiable: Switch eq. 4-6 (``load_balance_loss``)."""
+        return load_balance_loss(self.probs, self.expert_index)
+
+    @cached_property
+    def z_loss(self) -> torch.Tensor:
+        """Scalar, differentiable: ST-MoE eq. 5 (``router_z_loss``)."""
+        return router_z_loss(self.logits)
+
+
 @dataclass
-class GateOutput:
-    """What the gate decides for N tokens (all fp32)."""
+class GateOutput(RouterLosses):
+    """What the gate decides for N tokens (all fp32); the losses are ``RouterLosses``'."""
 
     logits: torch.Tensor  # N x E router logits
     probs: torch.Tensor  # N x E softmax over all experts
@@ -148,9 +184,11 @@ class GateOutput:
     expert_weight: torch.Tensor  # N x k combine weights (renormalised if asked), 0 where dropped
     keep: torch.Tensor  # N x k bool, False where capacity dropped the assignment
     capacity: int  # per-expert capacity used (N when dropless)
-    logits_finite: torch.Tensor  # scalar bool: no logit is NaN or inf (checked by the criterion)
-    balance_loss: torch.Tensor  # scalar, Switch eq. 4-6
-    z_loss: torch.Tensor  # scalar, ST-MoE eq. 5
+
+    @property
+    def all_kept(self) -> bool:
+        """True when capacity cannot bind (dropless, or capacity >= N): ``keep`` is all True."""
+        return self.capacity >= self.expert_index.shape[0]
 
     @property
     def dropped_token_mask(self) -> torch.Tensor:
@@ -211,7 +249,8 @@ class TopKGate(nn.Module):
             weight = top_prob
             if self.normalize_top_k:
                 weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-9)
-            weight = weight * keep.to(weight.dtype)
+            if capacity < x.shape[0]:  # capacity can bind: dropped choices weigh 0
+                weight = weight * keep.to(weight.dtype)
             return GateOutput(
                 logits=logits,
                 probs=probs,
@@ -219,9 +258,6 @@ class TopKGate(nn.Module):
                 expert_weight=weight,
                 keep=keep,
                 capacity=capacity,
-                logits_finite=torch.isfinite(logits.detach()).all(),
-                balance_loss=load_balance_loss(probs, top_index),
-                z_loss=router_z_loss(logits),
             )
 
     def extra_repr(self) -> str:

@@ -27,11 +27,13 @@ pattern as ``naive_loop``). Here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .gate import expert_counts
 from .grad_buffers import GradientBuffers
 
 _GELU_APPROXIMATION = {"gelu": "none", "gelu_fast": "tanh", "gelu_accurate": "tanh"}
@@ -41,37 +43,48 @@ _GELU_APPROXIMATION = {"gelu": "none", "gelu_fast": "tanh", "gelu_accurate": "ta
 class DispatchPlan:
     """Where each kept (token, choice) assignment is computed, and the way back.
 
-    ``tokens_per_expert[e]`` consecutive rows go to expert e.
+    ``counts[e]`` consecutive rows go to expert e. The plan is built on the tokens' device
+    without a host sync; ``tokens_per_expert`` (the counts as host ints, which a loop over
+    experts needs) syncs once, on first access.
     """
 
-    tokens_per_expert: list[int]  # E host ints summing to M
+    counts: torch.Tensor  # E long: rows of each expert, summing to M
     order: torch.Tensor  # M flat assignment ids (token * k + choice), by expert
     token_index: torch.Tensor  # M, the token of each row (order // k)
     combine_index: torch.Tensor  # N x k, each choice's row; M where dropped
 
     @classmethod
     def from_routing(
-        cls, expert_index: torch.Tensor, keep: torch.Tensor, num_experts: int
+        cls, expert_index: torch.Tensor, keep: torch.Tensor | None, num_experts: int
     ) -> DispatchPlan:
-        """From the router's N x k chosen experts and N x k keep mask (False: dropped)."""
+        """From the router's N x k chosen experts and N x k keep mask (False: dropped; None:
+        every assignment is kept)."""
         num_tokens, k = expert_index.shape
         expert_flat = expert_index.reshape(-1)  # (N*k), token-major
-        kept = keep.reshape(-1).nonzero().squeeze(1)  # M
-        kept_expert = expert_flat[kept]  # M
-        order = kept[torch.sort(kept_expert, stable=True).indices]  # M, grouped by expert
+        if keep is None:
+            sorted_expert, order = torch.sort(expert_flat, stable=True)  # M = N*k, by expert
+        else:
+            kept = keep.reshape(-1).nonzero().squeeze(1)  # M
+            sorted_expert, by_expert = torch.sort(expert_flat[kept], stable=True)
+            order = kept[by_expert]  # M, grouped by expert
         rows = order.numel()
         combine_index = torch.full_like(expert_flat, rows)  # (N*k), M = the zero row
         combine_index[order] = torch.arange(rows, device=order.device)
         return cls(
-            tokens_per_expert=torch.bincount(kept_expert, minlength=num_experts).tolist(),
+            counts=expert_counts(sorted_expert, num_experts),
             order=order,
             token_index=torch.div(order, k, rounding_mode="floor"),
             combine_index=combine_index.view(num_tokens, k),
         )
 
+    @cached_property
+    def tokens_per_expert(self) -> list[int]:
+        """``counts`` as E host ints (a host sync on an accelerator, once per plan)."""
+        return self.counts.tolist()
+
     @property
     def num_rows(self) -> int:
-        return sum(self.tokens_per_expert)
+        return self.order.numel()
 
 
 def _activate(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,19 +124,28 @@ def _dropout_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
 
-def _combine(rows: torch.Tensor, combine_index: torch.Tensor, weight: torch.Tensor | None):
+def _combine(
+    rows: torch.Tensor,
+    combine_index: torch.Tensor,
+    weight: torch.Tensor | None,
+    inplace: bool = True,
+) -> torch.Tensor:
     """y[t] = sum_j weight[t, j] * rows[combine_index[t, j]]: (M+1) x C rows -> N x C.
 
-    The last row of ``rows`` is zero, so dropped choices (index M) add nothing."""
+    The last row of ``rows`` is zero, so dropped choices (index M) add nothing. ``inplace``
+    accumulates into the first gathered rows (no autograd); False builds new tensors, so that
+    autograd can differentiate it."""
     y = rows.index_select(0, combine_index[:, 0])  # N x C
     if weight is not None:
-        y.mul_(weight[:, :1])
+        y = y.mul_(weight[:, :1]) if inplace else y * weight[:, :1]
     for j in range(1, combine_index.shape[1]):
         part = rows.index_select(0, combine_index[:, j])  # N x C
         if weight is None:
-            y.add_(part)
+            y = y.add_(part) if inplace else y + part
+        elif inplace:
+            y = y.addcmul_(part, weight[:, j : j + 1])
         else:
-            y.addcmul_(part, weight[:, j : j + 1])
+            y = torch.addcmul(y, part, weight[:, j : j + 1])
     return y
 
 

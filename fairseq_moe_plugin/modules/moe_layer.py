@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .expert_parallel import expert_parallel_ffn
 from .experts import StackedExperts
-from .gate import GateOutput, TopKGate, routing_entropy
+from .gate import TopKGate
 from .grouped_ffn import DispatchPlan
 from .record import MoERecord
 
@@ -68,7 +68,8 @@ class MoELayer(nn.Module):
             tokens = x
 
         gate_out = self.gate(tokens)  # N x k experts and weights, fp32
-        plan = DispatchPlan.from_routing(gate_out.expert_index, gate_out.keep, self.num_experts)
+        keep = None if gate_out.all_kept else gate_out.keep
+        plan = DispatchPlan.from_routing(gate_out.expert_index, keep, self.num_experts)
         groups = self.experts.expert_parallel
         if groups is None:
             y_tokens = self.experts(tokens, plan, gate_out.expert_weight)  # N x C
@@ -81,38 +82,19 @@ class MoELayer(nn.Module):
             y = y_tokens.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
         else:
             y = y_tokens
-        return y.view(shape), self._record(gate_out, plan, token_index, tuple(shape[:-1]))
-
-    def _record(
-        self,
-        gate_out: GateOutput,
-        plan: DispatchPlan,
-        token_index: torch.Tensor | None,
-        input_shape: tuple,
-    ) -> MoERecord:
-        num_tokens, k = gate_out.expert_index.shape
-        index = gate_out.expert_index.detach()  # N x k
-        with torch.no_grad():
-            token_entropy = routing_entropy(gate_out.probs.detach())  # N
-            entropy = token_entropy.mean() if num_tokens else token_entropy.new_zeros(())
-        return MoERecord(
+        record = MoERecord(
             layer=self.name,
-            balance_loss=gate_out.balance_loss,
-            z_loss=gate_out.z_loss,
-            expert_counts=torch.tensor(plan.tokens_per_expert, device=index.device),
-            expert_counts_routed=torch.bincount(index.reshape(-1), minlength=self.num_experts),
-            dropped=(~gate_out.keep).sum(),
-            dropped_tokens=gate_out.dropped_token_mask.sum(),
-            routed_tokens=torch.tensor(num_tokens, device=index.device),
-            entropy=entropy.float(),
-            logits_finite=gate_out.logits_finite,
-            k=k,
-            expert_index=index,
+            k=gate_out.expert_index.shape[1],
+            logits=gate_out.logits,
+            probs=gate_out.probs,
+            expert_index=gate_out.expert_index.detach(),
             expert_weight=gate_out.expert_weight.detach(),
-            token_entropy=token_entropy,
+            keep=gate_out.keep,
+            expert_counts=plan.counts,
             token_index=token_index,
-            input_shape=input_shape,
+            input_shape=tuple(shape[:-1]),
         )
+        return y.view(shape), record
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

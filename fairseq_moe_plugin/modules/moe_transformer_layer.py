@@ -58,6 +58,7 @@ def build_moe_layer(
         activation_dropout=activation_dropout,
         reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
         expert_parallel=expert_parallel_groups(moe_cfg.moe_expert_parallel_size),
+        impl=moe_cfg.moe_expert_impl,
     )
     return MoELayer(gate, experts, name=name)
 

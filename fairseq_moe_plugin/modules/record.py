@@ -6,40 +6,78 @@ hooks) hands the criterion the record of the forward whose graph the loss goes t
 registered as a pytree node, so that ``modules/checkpointing.py`` can pass its tensors through
 fairseq's checkpoint function one by one.
 
+It holds what the routing produced anyway (the fields) and derives everything else (the two
+losses, counts, entropy) on first access. A decoding step reads nothing from it and so pays for
+none of that; the criterion reads what it logs; the analysis tools read the per-token fields.
+The losses are computed from ``logits`` and ``probs``, which carry the router's gradient (under
+activation checkpointing they are outputs of the checkpointed function, so the gradient flows
+through its recompute).
+
 Tokens: ``N`` non-padding tokens routed, ``k`` experts per token, ``E`` experts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch.utils import _pytree as pytree
 
+from .gate import RouterLosses, expert_counts, routing_entropy
+
 
 @dataclass
-class MoERecord:
-    """One MoE layer's routing in one forward. Only the two losses carry gradients."""
+class MoERecord(RouterLosses):
+    """One MoE layer's routing in one forward. Only the two losses carry gradients (they, and
+    ``logits_finite``, come from ``RouterLosses``)."""
 
     layer: str  # the layer's module name, e.g. ``encoder.layers.1`` (see ``naming.py``)
-    balance_loss: torch.Tensor  # scalar, differentiable: Switch Transformer eq. 4-6
-    z_loss: torch.Tensor  # scalar, differentiable: ST-MoE eq. 5
-    expert_counts: torch.Tensor  # E long: assignments each expert computed (after capacity)
-    expert_counts_routed: torch.Tensor  # E long: assignments the router chose (before capacity)
-    dropped: torch.Tensor  # scalar long: assignments dropped by capacity
-    dropped_tokens: torch.Tensor  # scalar long: tokens all of whose k assignments were dropped
-    routed_tokens: torch.Tensor  # scalar long: N
-    entropy: torch.Tensor  # scalar float: mean routing entropy over the N tokens (nats)
-    logits_finite: torch.Tensor  # scalar bool: every router logit was finite
     k: int  # experts per token
+    logits: torch.Tensor  # N x E float32 router logits (differentiable)
+    probs: torch.Tensor  # N x E float32 softmax over all experts (differentiable)
     expert_index: torch.Tensor  # N x k long: each token's experts, best first
-    expert_weight: torch.Tensor  # N x k float: their combine weights, 0 where dropped
-    token_entropy: torch.Tensor  # N float: each token's routing entropy (nats)
+    expert_weight: torch.Tensor  # N x k float: their combine weights, 0 where dropped (detached)
+    keep: torch.Tensor  # N x k bool: False where capacity dropped the assignment
+    expert_counts: torch.Tensor  # E long: assignments each expert computed (after capacity)
     # N long: where the routed tokens are in the layer input flattened over its leading dims
     # (``t * B + b`` for a T x B x C input); None when no padding mask was given (token i is
     # flat position i).
     token_index: torch.Tensor | None
     input_shape: tuple[int, ...]  # the layer input's leading shape, e.g. (T, B)
+
+    @cached_property
+    def expert_counts_routed(self) -> torch.Tensor:
+        """E long: assignments the router chose (before capacity)."""
+        return expert_counts(self.expert_index.detach(), self.probs.shape[1])
+
+    @cached_property
+    def dropped(self) -> torch.Tensor:
+        """Scalar long: assignments dropped by capacity."""
+        return (~self.keep).sum()
+
+    @cached_property
+    def dropped_tokens(self) -> torch.Tensor:
+        """Scalar long: tokens all of whose k assignments were dropped."""
+        return (~self.keep.any(dim=-1)).sum()
+
+    @cached_property
+    def routed_tokens(self) -> torch.Tensor:
+        """Scalar long: N."""
+        return torch.tensor(self.expert_index.shape[0], device=self.expert_index.device)
+
+    @cached_property
+    def token_entropy(self) -> torch.Tensor:
+        """N float: each token's routing entropy (nats)."""
+        with torch.no_grad():
+            return routing_entropy(self.probs.detach())
+
+    @cached_property
+    def entropy(self) -> torch.Tensor:
+        """Scalar float: mean routing entropy over the N tokens (nats), 0 without tokens."""
+        if self.expert_index.shape[0] == 0:
+            return self.probs.new_zeros((), dtype=torch.float32)
+        return self.token_entropy.mean().float()
 
     def aux_loss(self, balance_weight: float, z_weight: float) -> torch.Tensor:
         """``balance_weight * balance_loss + z_weight * z_loss`` (a scalar)."""

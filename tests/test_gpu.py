@@ -1,0 +1,58 @@
+"""GPU checks, skipped without CUDA (CI has none; run them where a GPU is lent): the grouped_mm
+path in bf16 equals the fp32 per-expert loop, and a dropless training step of the MoE layer
+makes no host sync (``torch.cuda.set_sync_debug_mode("error")`` raises on one)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fairseq_moe_plugin.modules import MoELayer, StackedExperts, TopKGate
+from fairseq_moe_plugin.modules.expert_compute import grouped_mm_available
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and grouped_mm_available()),
+    reason="needs a CUDA device and torch's grouped_mm",
+)
+
+
+def _layer(num_experts=8, k=2, d=256, d_ff=512) -> MoELayer:
+    torch.manual_seed(0)
+    gate = TopKGate(d, num_experts, k=k, capacity_factor=0.0)  # dropless: no nonzero() sync
+    return MoELayer(gate, StackedExperts(num_experts, d, d_ff, activation_fn="gelu"))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_grouped_mm_bf16_matches_the_fp32_loop(k):
+    # Both start from the same bf16-representable weights and input, so that the router (fp32
+    # in both) makes the same choices and only the experts' arithmetic differs.
+    reference = _layer(k=k).cuda().to(torch.bfloat16).float()
+    reference.experts.impl = "loop"
+    fast = copy.deepcopy(reference).to(torch.bfloat16)
+    fast.experts.impl = "auto"  # bf16 on CUDA: grouped_mm
+    x = torch.randn(1024, 256, device="cuda").bfloat16().float()
+    y_ref, _ = reference(x)
+    y, _ = fast(x.bfloat16())
+    y_ref.square().sum().backward()
+    y.float().square().sum().backward()
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=3e-2)
+    for (name, p), q in zip(reference.named_parameters(), fast.parameters(), strict=True):
+        scale = p.grad.abs().max().clamp_min(1e-6)
+        assert (q.grad.float() - p.grad).abs().max() / scale < 5e-2, name
+
+
+def test_a_dropless_training_step_makes_no_host_sync():
+    layer = _layer().cuda().to(torch.bfloat16).train()
+    x = torch.randn(2048, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x)  # warm-up (lazy initialisation may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, record = layer(x)
+        (y.float().square().mean() + record.balance_loss + record.z_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert x.grad is not None and layer.gate.wg.weight.grad is not None
