@@ -9,6 +9,8 @@
     --bench-max-sentences N    time only the first N sentences of the split (0 = all)
     --bench-json FILE          write the figures as JSON
     --bench-threads N          torch threads (default: all cores)
+    --bench-profile            also profile generation at the first batch size (torch.profiler)
+                               and print the ops with the most self time: where the time goes
 
 For each batch size it reports, over the split's sentences in dataset order (one warm-up batch
 first, not timed): per-batch latency p50/p95 in ms (at batch size 1, the latency of one
@@ -54,6 +56,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench-max-sentences", type=int, default=0)
     parser.add_argument("--bench-json", default=None)
     parser.add_argument("--bench-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--bench-profile", action="store_true")
     return parser
 
 
@@ -102,6 +105,24 @@ def time_batch_size(task, generator, models, dataset, ids, batch_size, device="c
         "tokens_per_s": tokens / total,
         "generated_tokens": tokens,
     }
+
+
+def profile_generation(task, generator, models, dataset, ids, batch_size, device, top=12):
+    """The ``top`` ops (and fairseq's ``record_function`` scopes, whose self time is Python)
+    by self time over one more pass of ``time_batch_size``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_batch_size(task, generator, models, dataset, ids, batch_size, device)
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [
+        {"op": e.key, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
+         "calls": e.count}
+        for e in events[:top]
+    ]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -159,6 +180,13 @@ def main(argv=None) -> int:
             f"{r['batch_latency_ms_p95']:.1f} | {r['ms_per_sentence']:.1f} | "
             f"{r['sentences_per_s']:.2f} | {r['tokens_per_s']:.1f} |"
         )
+    if bench.bench_profile:
+        results["profile"] = profile_generation(
+            task, generator, models, dataset, ids, sizes[0], device
+        )
+        print(f"\nprofile at batch size {sizes[0]} (self time, top ops):")
+        for op in results["profile"]:
+            print(f"  {op['op']:45s} {op['ms']:9.1f} ms {op['share']:6.1%} {op['calls']:7d} calls")
     if out_json:
         with open(out_json, "w") as f:
             json.dump(results, f, indent=2)

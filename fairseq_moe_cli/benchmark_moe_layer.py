@@ -169,6 +169,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="skip the einsum reference when its estimate exceeds this fraction of free memory",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one fwd+bwd of moe and of dense (torch.profiler) and print the ops "
+        "that take the most self time: where the time goes",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("results/benchmark_moe_layer.json"))
     args = p.parse_args(argv)
@@ -406,6 +412,15 @@ def run_setting(
                 flush=True,
             )
             rows.append(row)
+    if args.profile:
+        for row in rows:
+            if row["impl"] in ("moe", "dense") and row.get("mode") == "fwd+bwd":
+                row["profile"] = profile_ops(setting.step(row["impl"], "fwd+bwd"), device)
+                print(f"  profile of one {row['impl']} fwd+bwd (self time, top ops):")
+                for op in row["profile"]:
+                    print(
+                        f"    {op['op']:40s} {op['ms']:9.1f} ms {op['share']:6.1%} {op['calls']:6d} calls"
+                    )
     params = setting.layer.experts
     expert_bytes = sum(p.numel() * p.element_size() for p in params.parameters())
     dense_grad_bytes = sum(p.numel() * p.element_size() for p in setting.dense.parameters())
@@ -413,6 +428,26 @@ def run_setting(
         row["expert_weight_bytes"] = expert_bytes
         row["dense_weight_bytes"] = dense_grad_bytes
     return rows
+
+
+def profile_ops(step, device: str, top: int = 8) -> list[dict]:
+    """The ``top`` ops by self time in one run of ``step`` (``torch.profiler``), with their share
+    of the total self time and their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    step()  # warm
+    with profile(activities=activities) as prof:
+        step()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [
+        {"op": e.key, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
+         "calls": e.count}
+        for e in events[:top]
+    ]  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -229,6 +229,22 @@ def test_cli_writes_report_and_checks(tmp_path, capsys, monkeypatch):
     assert report["targets"] == []  # only the sizes are checked against its targets
 
 
+def test_profile_says_where_the_time_goes(tmp_path, capfd):
+    argv = ["--tokens", "64", "--experts", "4", "--topk", "2", "--d-model", "16", "--d-ff", "32"]
+    argv += ["--impls", "moe", "dense", "--no-memory", "--malloc", "default", "--profile"]
+    argv += ["--warmup", "0", "--repeats", "1", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    assert "profile of one moe fwd+bwd (self time, top ops):" in capfd.readouterr().out
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    profiles = {}
+    for impl in ("moe", "dense"):
+        ops = next(r for r in rows if (r["impl"], r.get("mode")) == (impl, "fwd+bwd"))["profile"]
+        assert 0 < len(ops) <= 8 and sum(op["share"] for op in ops) <= 1 + 1e-9
+        assert [op["ms"] for op in ops] == sorted((op["ms"] for op in ops), reverse=True)
+        profiles[impl] = {op["op"] for op in ops}
+    assert profiles["dense"] & {"aten::mm", "aten::addmm"}  # its matmuls are among the top ops
+
+
 def test_einsum_is_skipped_with_its_estimate(tmp_path, capfd):
     argv = ["--tokens", "64", "--experts", "4", "--topk", "1", "--d-model", "8", "--d-ff", "8"]
     argv += ["--impls", "moe", "einsum", "--memory-fraction", "0", "--no-memory"]

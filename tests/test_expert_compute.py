@@ -77,7 +77,10 @@ def _plan(counts: list[int], k: int = 1) -> DispatchPlan:
 
 
 def test_use_padded_follows_the_measured_crossover():
-    assert use_padded(_plan([2, 1, 3, 0, 2, 1, 1, 0]))  # a decoding step: grid 24 <= 3 x 10 rows
+    assert use_padded(_plan([2, 1, 3, 1, 2, 1, 1, 1]))  # every expert hit, grid 24 <= 3 x 12 rows
+    assert not use_padded(
+        _plan([2, 1, 3, 0, 2, 1, 1, 2])
+    )  # expert 3 has no rows: weights for nothing
     assert not use_padded(_plan([1, 1] + [0] * 6))  # grid 8 > 3 x 2 rows: loop reads less
     assert not use_padded(_plan([100] * 8))  # > 64 rows per expert: per-expert GEMMs are efficient
     assert not use_padded(_plan([1] + [0] * 63))  # E=64, one row
@@ -86,7 +89,7 @@ def test_use_padded_follows_the_measured_crossover():
 
 def test_pick_impl_auto_and_forced():
     x = torch.zeros(10, 4)
-    small, large = _plan([2, 1, 3, 0, 2, 1, 1, 0]), _plan([100] * 8)
+    small, large = _plan([2, 1, 3, 1, 2, 1, 1, 1]), _plan([100] * 8)
     assert pick_impl("auto", x, small, needs_grad=False) == "padded"
     assert pick_impl("auto", x, small, needs_grad=True) == "loop"
     assert pick_impl("auto", x, large, needs_grad=False) == "loop"
@@ -100,15 +103,15 @@ def test_pick_impl_auto_and_forced():
 
 
 def test_the_auto_choice_is_what_runs(monkeypatch):
-    """Inference on a few tokens takes ``padded``; a training step (autograd), ``loop``."""
+    """Inference on a few tokens per expert takes ``padded``; a training step, ``loop``."""
     calls = []
     real = expert_compute.padded_ffn
     monkeypatch.setattr(
         "fairseq_moe_plugin.modules.experts.padded_ffn",
         lambda *a, **kw: calls.append("padded") or real(*a, **kw),
     )
-    layer = make_layer(8, 2, dtype=torch.float32)
-    x = torch.randn(5, D_MODEL)
+    layer = make_layer(4, 2, dtype=torch.float32)
+    x = torch.randn(12, D_MODEL)  # 24 assignments over 4 experts: every expert gets rows
     with torch.no_grad():
         layer.eval()(x)
     assert calls == ["padded"]
