@@ -108,21 +108,13 @@ def time_batch_size(task, generator, models, dataset, ids, batch_size, device="c
 
 
 def profile_generation(task, generator, models, dataset, ids, batch_size, device, top=12):
-    """The ``top`` ops (and fairseq's ``record_function`` scopes, whose self time is Python)
-    by self time over one more pass of ``time_batch_size``."""
-    from torch.profiler import ProfilerActivity, profile
+    """``measure.profile_top_ops`` over one more pass of ``time_batch_size``."""
+    from .measure import profile_top_ops
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    def run():
         time_batch_size(task, generator, models, dataset, ids, batch_size, device)
-    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
-    total = sum(getattr(e, attr) for e in events) or 1
-    return [
-        {"op": e.key, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
-         "calls": e.count}
-        for e in events[:top]
-    ]  # fmt: skip
+
+    return profile_top_ops(run, device, top)
 
 
 def main(argv=None) -> int:

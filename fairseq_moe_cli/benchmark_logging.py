@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
 
 from fairseq_moe_plugin.modules import MoELayer, StackedExperts, TopKGate
 
-from .measure import machine_info
+from .measure import machine_info, time_runs
 
 DEFAULTS = {"layers": 3, "experts": 8, "topk": 2, "tokens": 4096, "d_model": 256, "d_ff": 1024}
 
@@ -58,13 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median of ``repeats`` timed runs after one warm-up (``measure.time_runs``), in ms."""
+    return 1e3 * statistics.median(time_runs(fn, "cpu", 1, repeats, max_seconds=float("inf")))
 
 
 def measure(args) -> dict:

@@ -90,6 +90,7 @@ from .measure import (
     machine_info,
     malloc_env,
     peak_bytes,
+    profile_top_ops,
     time_runs,
 )
 from .moe_layer_references import (
@@ -415,7 +416,9 @@ def run_setting(
     if args.profile:
         for row in rows:
             if row["impl"] in ("moe", "dense") and row.get("mode") == "fwd+bwd":
-                row["profile"] = profile_ops(setting.step(row["impl"], "fwd+bwd"), device)
+                step = setting.step(row["impl"], "fwd+bwd")
+                step()  # warm
+                row["profile"] = profile_top_ops(step, device, top=8)
                 print(f"  profile of one {row['impl']} fwd+bwd (self time, top ops):")
                 for op in row["profile"]:
                     print(
@@ -428,26 +431,6 @@ def run_setting(
         row["expert_weight_bytes"] = expert_bytes
         row["dense_weight_bytes"] = dense_grad_bytes
     return rows
-
-
-def profile_ops(step, device: str, top: int = 8) -> list[dict]:
-    """The ``top`` ops by self time in one run of ``step`` (``torch.profiler``), with their share
-    of the total self time and their call counts."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    step()  # warm
-    with profile(activities=activities) as prof:
-        step()
-    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
-    total = sum(getattr(e, attr) for e in events) or 1
-    events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [
-        {"op": e.key, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
-         "calls": e.count}
-        for e in events[:top]
-    ]  # fmt: skip
 
 
 @contextlib.contextmanager

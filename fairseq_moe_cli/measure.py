@@ -157,3 +157,23 @@ def peak_bytes(fn, device: str) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def profile_top_ops(fn, device: str, top: int) -> list[dict]:
+    """The ``top`` entries by self time (ops, and ``record_function`` scopes, whose self time is
+    Python) in one run of ``fn`` under ``torch.profiler``: name, ms, share of the total self
+    time, and call count. On CUDA the device time is ranked."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [
+        {"op": e.key, "ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total,
+         "calls": e.count}
+        for e in events[:top]
+    ]  # fmt: skip

@@ -90,16 +90,20 @@ def test_use_padded_follows_the_measured_crossover():
 def test_pick_impl_auto_and_forced():
     x = torch.zeros(10, 4)
     small, large = _plan([2, 1, 3, 1, 2, 1, 1, 1]), _plan([100] * 8)
-    assert pick_impl("auto", x, small, needs_grad=False) == "padded"
-    assert pick_impl("auto", x, small, needs_grad=True) == "loop"
-    assert pick_impl("auto", x, large, needs_grad=False) == "loop"
-    assert pick_impl("grouped_mm", x, large, needs_grad=True) == "grouped_mm"
+    assert pick_impl("auto", x, small, inference=True) == "padded"
+    assert pick_impl("auto", x, small, inference=False) == "loop"
+    assert pick_impl("auto", x, large, inference=True) == "loop"
+    assert pick_impl("grouped_mm", x, large, inference=False) == "grouped_mm"
     with pytest.raises(ValueError, match="padded expert implementation is for inference only"):
-        pick_impl("padded", x, small, needs_grad=True)
+        pick_impl("padded", x, small, inference=False)
+    layer = make_layer(4, 2, dtype=torch.float32, activation_fn="relu").train()
+    layer.experts.activation_dropout, layer.experts.impl = 0.5, "padded"
+    with torch.no_grad(), pytest.raises(ValueError, match="no activation dropout"):
+        layer(torch.randn(12, D_MODEL))  # no autograd, but dropout: refused, not rerouted
     with pytest.raises(ValueError, match="grouped_mm has no kernel for torch.float64 on cpu"):
-        pick_impl("grouped_mm", x.double(), small, needs_grad=False)
+        pick_impl("grouped_mm", x.double(), small, inference=True)
     with pytest.raises(ValueError, match="unknown expert implementation 'fast'"):
-        pick_impl("fast", x, small, needs_grad=False)
+        pick_impl("fast", x, small, inference=True)
 
 
 def test_the_auto_choice_is_what_runs(monkeypatch):

@@ -73,13 +73,17 @@ def use_padded(plan: DispatchPlan) -> bool:
     return cap <= PADDED_MAX_ROWS_PER_EXPERT and grid <= PADDED_MAX_WASTE * rows
 
 
-def pick_impl(requested: str, x: torch.Tensor, plan: DispatchPlan, needs_grad: bool) -> str:
+def pick_impl(requested: str, x: torch.Tensor, plan: DispatchPlan, inference: bool) -> str:
     """The path for one call: ``requested`` unless it is ``auto``, then ``grouped_mm`` on a GPU
-    that supports it, ``padded`` for CPU inference on a small grid, else ``loop``."""
+    that supports it, ``padded`` for CPU inference on a small grid, else ``loop``. ``inference``:
+    no autograd and no activation dropout (what ``padded`` computes)."""
     if requested not in IMPLS:
         raise ValueError(f"unknown expert implementation {requested!r}; expected one of {IMPLS}")
-    if requested == "padded" and needs_grad:
-        raise ValueError("the padded expert implementation is for inference only (no autograd)")
+    if requested == "padded" and not inference:
+        raise ValueError(
+            "the padded expert implementation is for inference only (no autograd, no "
+            "activation dropout)"
+        )
     if requested == "grouped_mm" and not grouped_mm_supported(x):
         raise ValueError(
             f"grouped_mm has no kernel for {x.dtype} on {x.device.type} in torch "
@@ -89,7 +93,7 @@ def pick_impl(requested: str, x: torch.Tensor, plan: DispatchPlan, needs_grad: b
         return requested
     if x.device.type != "cpu":
         return "grouped_mm" if grouped_mm_supported(x) else "loop"
-    if not needs_grad and use_padded(plan):
+    if inference and use_padded(plan):
         return "padded"
     return "loop"
 

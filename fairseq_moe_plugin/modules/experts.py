@@ -232,11 +232,12 @@ class StackedExperts(nn.Module):
         )
         dropout_p = self.activation_dropout if self.training else 0.0
         # Tracers (fvcore's FLOP count) must see the matrix products of the real rows.
-        impl = "loop" if torch.jit.is_tracing() else pick_impl(self.impl, x, plan, needs_grad)
+        inference = not needs_grad and dropout_p == 0
+        impl = "loop" if torch.jit.is_tracing() else pick_impl(self.impl, x, plan, inference)
         with torch.autocast(device_type=device_type, enabled=False):
             if impl == "grouped_mm":
                 return grouped_mm_ffn(x, plan, weight, *params, self.activation_name, dropout_p)
-            if impl == "padded" and dropout_p == 0:
+            if impl == "padded":
                 return padded_ffn(x, plan, weight, *params, self.activation_name)
             return grouped_expert_ffn(
                 x,
