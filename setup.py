@@ -42,6 +42,7 @@ setup(
             "fairseq-moe-benchmark-ep = fairseq_moe_cli.benchmark_expert_parallel:main",
             "fairseq-moe-benchmark-logging = fairseq_moe_cli.benchmark_logging:main",
             "fairseq-moe-flags = fairseq_moe_cli.flags_table:main",
+            "fairseq-moe-grow-experts = fairseq_moe_cli.grow_experts:main",
         ]
     },
 )

@@ -127,3 +127,14 @@ def save_trainer_style_checkpoint(model, cfg, path):
         "optimizer_history": [history],
     }
     torch.save(state, path)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(toy_data, tmp_path_factory):
+    """A dense ``transformer_tiny`` (FFN 128) saved as a trained checkpoint, and the model."""
+    torch.manual_seed(3)
+    ffn = ["--encoder-ffn-embed-dim", 128, "--decoder-ffn-embed-dim", 128]
+    model, _, cfg = build_model_and_task(tiny_args(toy_data["bin"], *ffn, arch="transformer_tiny"))
+    path = tmp_path_factory.mktemp("dense") / "dense.pt"
+    save_trainer_style_checkpoint(model, cfg, path)
+    return path, model

@@ -156,11 +156,11 @@ def test_per_layer_metrics_hand_computed(toy_data):
         {"layer": "decoder.layers.1", "balance_loss": torch.tensor(1.5), "z_loss": torch.tensor(2.0),
          "dropped": torch.tensor(2), "dropped_tokens": torch.tensor(1),
          "routed_tokens": torch.tensor(10), "k": 2,
-         "entropy": torch.tensor(0.5), "expert_counts_routed": torch.tensor([12, 4, 4, 0])},
+         "entropy": torch.tensor(0.5), "expert_load": torch.tensor([12, 4, 4, 0])},
         {"layer": "decoder.layers.1", "balance_loss": torch.tensor(1.0), "z_loss": torch.tensor(1.0),
          "dropped": torch.tensor(0), "dropped_tokens": torch.tensor(0),
          "routed_tokens": torch.tensor(30), "k": 2,
-         "entropy": torch.tensor(1.0), "expert_counts_routed": torch.tensor([15, 15, 15, 15])},
+         "entropy": torch.tensor(1.0), "expert_load": torch.tensor([15, 15, 15, 15])},
     ]  # fmt: skip
     records = [SimpleNamespace(**r) for r in records]  # what moe_logging_output reads of a record
     logs = [

@@ -30,7 +30,15 @@ def _build(toy_data, flags):
     return model, task, cfg
 
 
-@pytest.mark.parametrize("flags", [DENSE, MOE], ids=["dense", "moe"])
+LORA = (*MOE, "--moe-expert-type", "lora", "--moe-lora-rank", 4)
+PARALLEL = (*MOE, "--moe-expert-placement", "parallel")
+DENSE_ROUTING = (*MOE, "--moe-routing", "dense", "--moe-balance-loss", "mse")
+
+
+@pytest.mark.parametrize(
+    "flags", [DENSE, MOE, LORA, PARALLEL, DENSE_ROUTING],
+    ids=["dense", "moe", "lora", "parallel", "dense_routing"],
+)  # fmt: skip
 def test_fvcore_agrees_with_analytic(toy_data, flags):
     model, task, _ = _build(toy_data, flags)
     sample = toy_batch(task)
@@ -77,6 +85,24 @@ def test_active_parameters(toy_data):
     assert params["active_per_token"] == parameter_counts(dense)["total"] + 4 * (D * 4) + 4 * (
         per_expert
     )
+
+
+def test_lora_parallel_and_dense_routing_hand_counts(toy_data):
+    """LoRA experts: the shared FFN once per token and k deltas of 2 r (d + d_ff); parallel:
+    the dense FFN on every position as well; dense routing: all E experts per token."""
+    shape = BatchShape(src_lens=[5, 5], tgt_lens=[7, 7], src_width=5, tgt_width=7)
+    r, n_src = 4, 10
+    lora = analytic_macs(ModelSpec.from_model(_build(toy_data, LORA)[0]), shape)
+    assert lora["encoder.moe_experts"] == 2 * (n_src * 2 * D * FFN + n_src * 2 * 2 * r * (D + FFN))
+    parallel = analytic_macs(ModelSpec.from_model(_build(toy_data, PARALLEL)[0]), shape)
+    assert parallel["encoder.ffn"] == 2 * (2 * n_src * D * FFN)
+    assert parallel["encoder.moe_experts"] == 2 * (n_src * 2 * 2 * D * FFN)
+    dense_routing = analytic_macs(ModelSpec.from_model(_build(toy_data, DENSE_ROUTING)[0]), shape)
+    assert dense_routing["encoder.moe_experts"] == 2 * (n_src * 4 * 2 * D * FFN)
+    lora_params = parameter_counts(_build(toy_data, LORA)[0])
+    assert lora_params["moe_layers"][0]["params_per_expert"] == 2 * r * (D + FFN)
+    routed_all = parameter_counts(_build(toy_data, DENSE_ROUTING)[0])
+    assert routed_all["active_per_token"] == routed_all["total"]
 
 
 def test_single_moe_layer_hand_count():

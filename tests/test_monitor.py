@@ -110,8 +110,8 @@ def test_validation_is_checked_when_training_resumes_and_at_flush():
 def test_boost_only_after_an_epoch_imbalanced_at_every_check():
     lines = []
     monitor = RoutingMonitor(interval=1, boost_factor=2.0, boost_max=0.05, emit=lines.append)
-    bad = SimpleNamespace(layer="enc1", expert_counts_routed=torch.tensor([97, 1, 1, 1]))
-    good = SimpleNamespace(layer="enc1", expert_counts_routed=torch.tensor([25, 25, 25, 25]))
+    bad = SimpleNamespace(layer="enc1", expert_load=torch.tensor([97, 1, 1, 1]))
+    good = SimpleNamespace(layer="enc1", expert_load=torch.tensor([25, 25, 25, 25]))
     for update, record in enumerate([bad, bad, bad]):
         monitor.observe([record], training=True, num_updates=update)
     monitor.observe([good], training=True, num_updates=3)  # closes update 3's window (bad)

@@ -12,15 +12,6 @@ FFN = ["--encoder-ffn-embed-dim", 128, "--decoder-ffn-embed-dim", 128]
 MOE_ALL = ["--encoder-moe-freq", 1, "--decoder-moe-freq", 1]
 
 
-@pytest.fixture(scope="module")
-def dense_checkpoint(toy_data, tmp_path_factory):
-    torch.manual_seed(3)
-    model, _, cfg = build_model_and_task(tiny_args(toy_data["bin"], *FFN, arch="transformer_tiny"))
-    path = tmp_path_factory.mktemp("dense") / "dense.pt"
-    save_trainer_style_checkpoint(model, cfg, path)
-    return path, model
-
-
 def _upcycled(toy_data, path, *extra):
     return build_model_and_task(
         tiny_args(toy_data["bin"], *MOE_ALL, "--moe-init-from-dense", path, *extra)

@@ -25,7 +25,8 @@ divide by the batch's non-padding target tokens (EOS included), also given per n
 source token and per sentence.
 
 Active parameters per token: total - sum over MoE layers of (E - k) x params_per_expert (router
-counted fully; embeddings counted fully).
+counted fully; embeddings counted fully; k = E under dense routing; LoRA experts' shared FFN is
+active for every token, their per-expert parameters are the deltas).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from math import prod
 import torch
 import torch.nn as nn
 
+from ..modules.lora_experts import LoRAExperts
 from ..modules.moe_layer import MoELayer
 
 CONVENTION = "1 MAC = one multiply-add (fvcore counts a MAC as one flop); FLOPs = 2 x MACs"
@@ -54,8 +56,8 @@ def parameter_counts(model: nn.Module) -> dict:
     for name, module in model.named_modules():
         if not isinstance(module, MoELayer):
             continue
-        num_experts, k = module.num_experts, module.gate.k
-        per_expert = sum(p[0].numel() for p in module.experts.parameters())  # stacked along E
+        num_experts, k = module.num_experts, _active_experts(module)
+        per_expert = sum(p[0].numel() for p in _stacked(module.experts))  # stacked along E
         inactive += (num_experts - k) * per_expert
         layers.append(
             {
@@ -69,6 +71,18 @@ def parameter_counts(model: nn.Module) -> dict:
     return {"total": total, "active_per_token": total - inactive, "moe_layers": layers}
 
 
+def _active_experts(layer: MoELayer) -> int:
+    """Experts a token goes through: k, or all E under dense routing."""
+    return layer.num_experts if layer.gate.routing == "dense" else layer.gate.k
+
+
+def _stacked(experts: nn.Module) -> list[nn.Parameter]:
+    """The per-expert parameters (stacked along E): LoRA experts' shared frozen FFN is not."""
+    if isinstance(experts, LoRAExperts):
+        return [experts.lora_a1, experts.lora_b1, experts.lora_a2, experts.lora_b2]
+    return list(experts.parameters())
+
+
 @dataclass
 class LayerSpec:
     """The matrix-product sizes of one transformer layer."""
@@ -78,8 +92,10 @@ class LayerSpec:
     cross_attn: tuple[int, int, int] | None  # decoder only
     ffn_dim: int | None = None  # dense FFN
     num_experts: int | None = None  # MoE FFN
-    top_k: int | None = None
+    top_k: int | None = None  # experts per token (E under dense routing)
     expert_ffn_dim: int | None = None
+    lora_rank: int | None = None  # LoRA experts: the shared FFN once per token, k deltas
+    parallel_ffn_dim: int | None = None  # --moe-expert-placement parallel: the dense FFN too
 
 
 @dataclass
@@ -102,8 +118,12 @@ class ModelSpec:
                 lyr.embed_dim, attn(lyr.self_attn), attn(lyr.encoder_attn) if cross else None
             )
             if isinstance(getattr(lyr, "moe", None), MoELayer):
-                spec.num_experts, spec.top_k = lyr.moe.num_experts, lyr.moe.gate.k
+                spec.num_experts, spec.top_k = lyr.moe.num_experts, _active_experts(lyr.moe)
                 spec.expert_ffn_dim = lyr.moe.experts.d_ff
+                if isinstance(lyr.moe.experts, LoRAExperts):
+                    spec.lora_rank = lyr.moe.experts.rank
+                if getattr(lyr, "parallel_ffn", False):
+                    spec.parallel_ffn_dim = lyr.fc1.out_features
             else:
                 spec.ffn_dim = lyr.fc1.out_features
             return spec
@@ -152,14 +172,22 @@ def _attention_macs(dims: tuple[int, int, int], n_q: int, n_kv: int, pairs: int)
 
 
 def _ffn_macs(spec: LayerSpec, positions: int, tokens: int) -> dict[str, int]:
-    """Dense FFN on every position; MoE router and k experts on every non-padding token."""
+    """Dense FFN on every position; MoE router and k experts on every non-padding token (LoRA
+    experts: the shared FFN once per token, ``2 r (d + d_ff)`` per assignment for the deltas);
+    with the parallel placement, the dense FFN on every position too."""
     d = spec.d_model
     if spec.num_experts is None:
         return {"ffn": 2 * positions * d * spec.ffn_dim}
-    return {
-        "moe_router": tokens * d * spec.num_experts,
-        "moe_experts": tokens * spec.top_k * 2 * d * spec.expert_ffn_dim,
-    }
+    macs = {"moe_router": tokens * d * spec.num_experts}
+    if spec.lora_rank is None:
+        macs["moe_experts"] = tokens * spec.top_k * 2 * d * spec.expert_ffn_dim
+    else:
+        macs["moe_experts"] = tokens * 2 * d * spec.expert_ffn_dim + (
+            tokens * spec.top_k * 2 * spec.lora_rank * (d + spec.expert_ffn_dim)
+        )
+    if spec.parallel_ffn_dim is not None:
+        macs["ffn"] = 2 * positions * d * spec.parallel_ffn_dim
+    return macs
 
 
 def analytic_macs(spec: ModelSpec, shape: BatchShape, padded: bool = True) -> dict[str, int]:

@@ -22,6 +22,7 @@ import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 
+from ..modules.moe_layer import MoELayer
 from ..modules.record import MoERecord
 from .moe_metrics import moe_logging_output, reduce_moe_metrics
 from .moe_monitor import HealthThresholds, RoutingMonitor
@@ -118,6 +119,34 @@ def records_in(net_output) -> list[MoERecord]:
     return []
 
 
+def _gates_with_ema(model) -> dict:
+    """``{layer name: gate}`` of the MoE layers whose gate keeps a usage EMA."""
+    return {
+        m.name: m.gate
+        for m in model.modules()
+        if isinstance(m, MoELayer) and getattr(m.gate, "usage_ema_decay", 0) > 0
+    }
+
+
+def usage_emas(model) -> dict[str, torch.Tensor]:
+    """``{layer name: E}`` the usage EMA of every gate that keeps one (``--moe-usage-ema``)."""
+    return {name: gate.usage_ema.detach().clone() for name, gate in _gates_with_ema(model).items()}
+
+
+def update_usage_emas(model, records: list[MoERecord]) -> dict[str, torch.Tensor]:
+    """Fold a training batch's loads (``MoERecord.expert_load``) into the usage EMA of each
+    layer's gate, and return the EMAs (``usage_emas``). The criterion does this, after the
+    forward, not the gate during it: a forward that runs twice (activation checkpointing's
+    recompute) must not count a batch twice. Each worker updates its own copy from the batches
+    it sees; a checkpoint holds the copy of the worker that saves it."""
+    gates = _gates_with_ema(model)
+    for record in records:
+        gate = gates.get(record.layer)
+        if gate is not None:
+            gate.update_usage_ema(record.expert_load.detach())
+    return usage_emas(model)
+
+
 class MoECriterionMixin:
     """Aux losses, routing logs, the routing monitor and the NaN stop, for a fairseq criterion.
     ``__init__`` of the criterion calls ``init_moe(cfg)``."""
@@ -174,12 +203,13 @@ class MoECriterionMixin:
                 num_updates = self._moe_train_batches - 1
         self.moe_monitor.observe(records, training=model.training, num_updates=num_updates or 0)
 
+        emas = update_usage_emas(model, records) if model.training else usage_emas(model)
         w_balance, w_z = self.moe_balance_loss_weight, self.moe_z_loss_weight
         terms = [r.aux_loss(w_balance, w_z) for r in records]  # one scalar per MoE layer
         aux = sum(terms[1:], terms[0]) if terms else torch.zeros(())
         if records and (w_balance > 0 or w_z > 0):
             loss = loss + aux * sample_size / (1 if reduce else loss.numel())
-        logs = moe_logging_output(records, aux, sample_size)
+        logs = moe_logging_output(records, aux, sample_size, emas)
         if records and self.moe_monitor.boost_factor > 1:
             logs["moe_balance_weight_x_ss"] = w_balance * sample_size
         return loss, logs

@@ -24,10 +24,17 @@ from ..naming import (
 )
 
 
-def moe_logging_output(records: Sequence[MoERecord], aux_loss: torch.Tensor, sample_size) -> dict:
+def moe_logging_output(
+    records: Sequence[MoERecord],
+    aux_loss: torch.Tensor,
+    sample_size,
+    usage_emas: dict[str, torch.Tensor] | None = None,
+) -> dict:
     """Flat summable scalars describing the routing of one batch: totals over the MoE layers,
     and per layer (``layer_stat_key``) and per expert (``count_key``: the router's assignments
-    before capacity). Every tensor is detached."""
+    before capacity, or the probability mass under dense routing), and each layer's usage EMA
+    (``usage_emas``, ``{layer: E}``; summed with a batch count, averaged when reduced). Every
+    tensor is detached."""
     if not records:
         return {}
     n_layers = len(records)
@@ -50,8 +57,12 @@ def moe_logging_output(records: Sequence[MoERecord], aux_loss: torch.Tensor, sam
         out[layer_stat_key(r.layer, "assignments")] = routed * r.k
         out[layer_stat_key(r.layer, "entropy_sum")] = r.entropy.detach() * routed
         out[layer_stat_key(r.layer, "routed")] = routed
-        for e, count in enumerate(r.expert_counts_routed.detach()):
+        for e, count in enumerate(r.expert_load.detach()):
             out[count_key(r.layer, e)] = count
+    for layer, ema in (usage_emas or {}).items():
+        out[layer_stat_key(layer, "ema_batches")] = 1
+        for e, value in enumerate(ema):
+            out[layer_stat_key(layer, f"ema_e{e}")] = value
     return out
 
 
@@ -136,3 +147,9 @@ def _reduce_layer(logging_outputs, layer: str, counts: list[float], sample_size:
         for e, count in enumerate(counts):
             name = load_metric(layer, e)
             metrics.log_scalar(name, count / weight, weight, round=4, priority=300)
+    batches = total("ema_batches")
+    if batches > 0:  # the usage EMA, beside the window's loads
+        for e in range(len(counts)):
+            value = total(f"ema_e{e}") / batches
+            metrics.log_scalar(layer_metric(layer, f"ema_e{e}"), value, batches, round=4,
+                               priority=300)  # fmt: skip

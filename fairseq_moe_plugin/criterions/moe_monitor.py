@@ -228,11 +228,11 @@ class RoutingMonitor:
                 checks.append(self._check_train_window(num_updates))
             self._last_update = num_updates
             for record in records:
-                self._train.add(record.layer, record.expert_counts_routed)
+                self._train.add(record.layer, record.expert_load)
         else:
             self._valid_batches += 1
             for record in records:
-                self._valid.add(record.layer, record.expert_counts_routed)
+                self._valid.add(record.layer, record.expert_load)
         return checks
 
     # -- checks --------------------------------------------------------------------------------

@@ -13,13 +13,17 @@ from fairseq.utils import get_available_activation_fns
 
 from ..modules.expert_compute import IMPLS
 from ..modules.expert_parallel import expert_parallel_groups
-from ..modules.gate import check_routing_options
+from ..modules.gate import BALANCE_LOSSES, ROUTINGS, check_router_options, check_routing_options
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION_CHOICES = ChoiceEnum(get_available_activation_fns())
 UPCYCLE_ROUTER_CHOICES = ChoiceEnum(["random", "zero"])
 EXPERT_IMPL_CHOICES = ChoiceEnum(list(IMPLS))
+ROUTING_CHOICES = ChoiceEnum(list(ROUTINGS))
+BALANCE_LOSS_CHOICES = ChoiceEnum(list(BALANCE_LOSSES))
+PLACEMENT_CHOICES = ChoiceEnum(["replace", "parallel"])
+EXPERT_TYPE_CHOICES = ChoiceEnum(["ffn", "lora"])
 
 
 @dataclass
@@ -120,6 +124,109 @@ class MoEConfig(FairseqDataclass):
             "random init"
         },
     )
+    moe_routing: ROUTING_CHOICES = field(
+        default="topk",
+        metadata={
+            "help": "topk (default): each token goes to its --moe-top-k experts; dense: every "
+            "token goes to all experts, each weighted by its router probability, with no "
+            "capacity and no drops (DyLoRA-MoE's dense collaboration; costs E expert passes)"
+        },
+    )
+    moe_dense_routing_until: int = field(
+        default=0,
+        metadata={
+            "help": "route densely while the update count is below this, then by --moe-routing "
+            "(DyLoRA-MoE's maturity schedule, e.g. after fairseq-moe-grow-experts); the count is "
+            "saved with the model, so a checkpoint routes as it was trained; 0 = off"
+        },
+    )
+    moe_router_temperature: float = field(
+        default=1.0,
+        metadata={"help": "the router's softmax sees logits / this temperature (> 0)"},
+    )
+    moe_router_bias: bool = field(
+        default=False,
+        metadata={
+            "help": "give the router a learned per-expert bias (fairseq-moe-grow-experts turns it "
+            "on, to start new experts below the old ones)"
+        },
+    )
+    moe_balance_loss: BALANCE_LOSS_CHOICES = field(
+        default="switch",
+        metadata={
+            "help": "the load-balancing loss (weight: the criterion's --moe-balance-loss-weight): "
+            "switch (Switch Transformer eq. 4-6) or mse (mean squared distance of the batch's "
+            "mean routing probability from uniform, GLBL; = CV^2/E^2 of Shazeer et al. 2017 "
+            "eq. 6); use mse with --moe-routing dense, where the Switch loss is constant"
+        },
+    )
+    moe_usage_ema: float = field(
+        default=0.0,
+        metadata={
+            "help": "keep an exponential moving average of each expert's load share with this "
+            "decay (e.g. 0.99), updated every training batch by the MoE criteria, logged as "
+            "moe_<layer>_ema_e<i> and saved in checkpoints; 0 = off"
+        },
+    )
+    moe_expert_placement: PLACEMENT_CHOICES = field(
+        default="replace",
+        metadata={
+            "help": "replace (default): the MoE layer takes the FFN's place; parallel: the dense "
+            "FFN stays and the MoE output is added to it, with the experts' output projections "
+            "starting at zero, so that an upcycled model first computes what the dense one did "
+            "(GLBL-style expert MLPs beside a frozen FFN)"
+        },
+    )
+    moe_expert_type: EXPERT_TYPE_CHOICES = field(
+        default="ffn",
+        metadata={
+            "help": "ffn (default): each expert is a full FFN; lora: each expert is the layer's "
+            "frozen dense FFN plus its own low-rank deltas on fc1 and fc2 (DyLoRA-MoE); the "
+            "frozen FFN is computed once per token"
+        },
+    )
+    moe_lora_rank: int = field(
+        default=8, metadata={"help": "with --moe-expert-type lora: the rank r of every delta"}
+    )
+    moe_lora_alpha: float = field(
+        default=16.0,
+        metadata={"help": "with --moe-expert-type lora: deltas are scaled by alpha / r"},
+    )
+    moe_lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "with --moe-expert-type lora: dropout on the deltas' input"},
+    )
+    moe_freeze_base: bool = field(
+        default=False,
+        metadata={
+            "help": "train only the routers and the experts (LoRA deltas with --moe-expert-type "
+            "lora): embeddings, attention, norms, dense FFNs, output projection and heads stay "
+            "frozen, get no gradient and no optimizer state; use with --moe-init-from-dense"
+        },
+    )
+    moe_train_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "with --moe-freeze-base: train the heads too (moe_roberta's classification "
+            "heads; moe_transformer's output projection, when not tied to the embeddings)"
+        },
+    )
+    moe_save_trainable_only: bool = field(
+        default=False,
+        metadata={
+            "help": "with --moe-freeze-base and --moe-init-from-dense: checkpoints hold only the "
+            "trained weights (routers, experts, trained heads) and the path and sha256 of the "
+            "dense checkpoint, from which loading takes the frozen rest"
+        },
+    )
+    moe_base_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "where the base checkpoint of an adapter-only checkpoint "
+            "(--moe-save-trainable-only) is, when it moved since training (at inference: "
+            "--model-overrides \"{'moe_base_checkpoint': 'PATH'}\"); its sha256 must match"
+        },
+    )
     encoder_moe_freq: int = field(
         default=2,
         metadata={
@@ -192,7 +299,18 @@ def validate_moe_args(args: Namespace) -> None:
             logger.warning(
                 f"--{side}-moe-freq {freq} > --{side}-layers {layers}: the {side} has no MoE layer"
             )
+    try:
+        check_router_options(
+            str(args.moe_routing),
+            args.moe_dense_routing_until,
+            args.moe_router_temperature,
+            str(args.moe_balance_loss),
+            args.moe_usage_ema,
+        )
+    except ValueError as err:
+        fail(str(err))
     _validate_expert_parallel(args, fail)
+    _validate_adapters(args, fail)
     if args.moe_upcycle_noise < 0:
         fail(f"--moe-upcycle-noise must be >= 0, got {args.moe_upcycle_noise}")
     if args.moe_init_from_dense and not args.moe_normalize_top_k:
@@ -205,6 +323,52 @@ def validate_moe_args(args: Namespace) -> None:
         logger.warning(
             "--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "
             "the router then learns only from the balance and z losses"
+        )
+
+
+def _validate_adapters(args: Namespace, fail) -> None:
+    """LoRA experts, the parallel placement, the frozen base and adapter-only checkpoints."""
+    lora = str(args.moe_expert_type) == "lora"
+    if lora:
+        if args.moe_lora_rank < 1:
+            fail(f"--moe-lora-rank must be >= 1, got {args.moe_lora_rank}")
+        if not args.moe_lora_alpha > 0:
+            fail(f"--moe-lora-alpha must be > 0, got {args.moe_lora_alpha}")
+        if not 0.0 <= args.moe_lora_dropout < 1.0:
+            fail(f"--moe-lora-dropout must be in [0, 1), got {args.moe_lora_dropout}")
+        if str(args.moe_expert_placement) == "parallel":
+            fail(
+                "--moe-expert-type lora already adds each expert's deltas to the layer's frozen "
+                "FFN; use it with --moe-expert-placement replace"
+            )
+        if args.moe_expert_parallel_size > 1:
+            fail("--moe-expert-type lora does not support --moe-expert-parallel-size > 1")
+        for flag in ("moe_expert_ffn_dim", "moe_activation_fn"):
+            if getattr(args, flag) is not None:
+                fail(
+                    f"--{flag.replace('_', '-')} does not apply to --moe-expert-type lora: "
+                    "LoRA experts share the layer's dense FFN (its size and activation)"
+                )
+    upcycled = bool(args.moe_init_from_dense or getattr(args, "moe_upcycled_from", None))
+    if args.moe_save_trainable_only:
+        if not args.moe_freeze_base:
+            fail("--moe-save-trainable-only needs --moe-freeze-base (else everything is trained)")
+        if not (args.moe_init_from_dense or getattr(args, "moe_base_sha256", None)):
+            fail(
+                "--moe-save-trainable-only needs --moe-init-from-dense: the dense checkpoint "
+                "the frozen weights come from, which adapter-only checkpoints refer to"
+            )
+    if args.moe_freeze_base and not upcycled:
+        logger.warning(
+            "--moe-freeze-base without --moe-init-from-dense freezes a randomly initialised base"
+        )
+    if args.moe_train_heads and not args.moe_freeze_base:
+        logger.warning("--moe-train-heads has no effect without --moe-freeze-base")
+    if str(args.moe_routing) == "dense" and str(args.moe_balance_loss) == "switch":
+        logger.warning(
+            "--moe-routing dense with --moe-balance-loss switch: under dense routing every "
+            "expert gets every token, so the Switch loss is constant (1) and balances nothing; "
+            "--moe-balance-loss mse balances the routing probabilities"
         )
 
 

@@ -11,6 +11,8 @@ of fairseq's ``roberta_base`` and ``roberta_large``).
 
 from __future__ import annotations
 
+import logging
+
 import torch.nn as nn
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import register_model, register_model_architecture
@@ -22,10 +24,13 @@ from fairseq.utils import safe_hasattr
 
 from ..expert_parallel_training import keep_shards_out_of_ddp
 from ..modules.experts import StackedExperts
+from .adapter_checkpoint import AdapterCheckpointMixin
 from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
 from .moe_encoder_decoder import MoETransformerEncoder
 from .moe_transformer import NumUpdatesMixin
-from .upcycle import maybe_upcycle
+from .upcycle import prepare_moe_model
+
+logger = logging.getLogger(__name__)
 
 
 def init_experts_like_bert(module: nn.Module) -> None:
@@ -60,7 +65,7 @@ class MoERobertaEncoder(RobertaEncoder):
 
 
 @register_model("moe_roberta")
-class MoERobertaModel(NumUpdatesMixin, RobertaModel):
+class MoERobertaModel(AdapterCheckpointMixin, NumUpdatesMixin, RobertaModel):
     """fairseq's RoBERTa with sparse MoE FFNs (options: ``MoEConfig``; the decoder options do
     not apply)."""
 
@@ -87,9 +92,22 @@ class MoERobertaModel(NumUpdatesMixin, RobertaModel):
                 args.tokens_per_sample = task.max_positions()
             args.max_positions = args.tokens_per_sample
         model = cls(args, MoERobertaEncoder(args, task.source_dictionary))
-        maybe_upcycle(model, args)
+        prepare_moe_model(model, args)
         keep_shards_out_of_ddp(model)
         return model
+
+    def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
+        """fairseq's, then the frozen-base rule: a new head trains only with
+        ``--moe-train-heads``."""
+        super().register_classification_head(name, num_classes, inner_dim, **kwargs)
+        if getattr(self.args, "moe_freeze_base", False):
+            train = bool(getattr(self.args, "moe_train_heads", False))
+            self.classification_heads[name].requires_grad_(train)
+            if not train:
+                logger.warning(
+                    f"--moe-freeze-base without --moe-train-heads: classification head {name!r} "
+                    "stays frozen at its initialisation"
+                )
 
 
 @register_model_architecture("moe_roberta", "moe_roberta")

@@ -23,9 +23,10 @@ from fairseq.models.transformer.transformer_legacy import (
 )
 
 from ..expert_parallel_training import keep_shards_out_of_ddp
+from .adapter_checkpoint import AdapterCheckpointMixin
 from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
 from .moe_encoder_decoder import MoETransformerDecoder, MoETransformerEncoder
-from .upcycle import maybe_upcycle
+from .upcycle import prepare_moe_model
 
 
 class NumUpdatesMixin:
@@ -38,7 +39,7 @@ class NumUpdatesMixin:
 
 
 @register_model("moe_transformer")
-class MoETransformerModel(NumUpdatesMixin, TransformerModel):
+class MoETransformerModel(AdapterCheckpointMixin, NumUpdatesMixin, TransformerModel):
     """fairseq's ``transformer`` with sparse MoE FFNs (options: ``MoEConfig``)."""
 
     @classmethod
@@ -57,7 +58,7 @@ class MoETransformerModel(NumUpdatesMixin, TransformerModel):
         moe_base_architecture(args)
         validate_moe_args(args)
         model = super().build_model(args, task)
-        maybe_upcycle(model, args)
+        prepare_moe_model(model, args)
         keep_shards_out_of_ddp(model)
         return model
 

@@ -6,6 +6,12 @@ copied into every expert (optionally with small noise, so that experts can diver
 starts at zero or at its usual random init. With top-1 routing whose weight is 1
 (``--moe-normalize-top-k``) and no noise, the upcycled model computes what the dense one did.
 
+Parameter-efficient variants: with ``--moe-expert-placement parallel`` the dense FFN is copied to
+the layer's own ``fc1``/``fc2`` and the experts beside it start as initialised (output projection
+zero); with ``--moe-expert-type lora`` the dense FFN becomes the LoRA experts' shared frozen FFN
+and the low-rank deltas start as initialised (B zero). Either way the model first computes what
+the dense one did.
+
 Sources: a dense ``transformer`` checkpoint (for ``moe_transformer``, or its encoder for
 ``moe_roberta``) or a RoBERTa-style ``roberta`` checkpoint (for ``moe_roberta``).
 """
@@ -26,22 +32,31 @@ EXPERT_SOURCES = {  # MoE parameter suffix -> the dense FFN parameter it is copi
     "moe.experts.fc2_weight": "fc2.weight",
     "moe.experts.fc2_bias": "fc2.bias",
 }
-ROUTER = "moe.gate.wg.weight"
-# Parameters a dense source may lack: new heads, and an LM head when the source is a translation
-# encoder.
-MAY_BE_NEW = re.compile(r"^(classification_heads\.|encoder\.lm_head\.)|\.version$|_float_tensor$")
+LORA_BASE_SOURCES = {  # LoRA experts' shared frozen FFN (``LoRAExperts``) -> the dense FFN
+    "moe.experts.fc1.weight": "fc1.weight",
+    "moe.experts.fc1.bias": "fc1.bias",
+    "moe.experts.fc2.weight": "fc2.weight",
+    "moe.experts.fc2.bias": "fc2.bias",
+}
+# The router (weights, bias, usage EMA, schedule count) starts as configured, never from dense.
+ROUTER = re.compile(r"\.moe\.gate\.(wg\.weight|wg\.bias|usage_ema|routing_updates)$")
+# Parameters a dense source may lack: new heads, an LM head when the source is a translation
+# encoder, and LoRA deltas.
+MAY_BE_NEW = re.compile(
+    r"^(classification_heads\.|encoder\.lm_head\.)|\.version$|_float_tensor$|\.moe\.experts\.lora_"
+)
 
 
-def load_dense_state(path) -> dict[str, torch.Tensor]:
+def load_dense_state(path, flag: str = "--moe-init-from-dense") -> dict[str, torch.Tensor]:
     """The model weights of a fairseq checkpoint (weights-only loading, plugin allow-list)."""
     from fairseq import checkpoint_utils
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--moe-init-from-dense: checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{flag}: checkpoint {path} does not exist")
     state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
     if "model" not in state:
-        raise ValueError(f"--moe-init-from-dense: {path} has no 'model' weights")
+        raise ValueError(f"{flag}: {path} has no 'model' weights")
     return state["model"]
 
 
@@ -60,6 +75,44 @@ def _find(dense: dict, name: str):
     return None
 
 
+def dense_source(name: str, names: set[str]) -> tuple[str | None, bool]:
+    """Where the model's tensor ``name`` comes from in a dense checkpoint: the dense name to
+    look up (None: not from the dense model: a router, or stacked experts placed beside a
+    dense FFN, which start as initialised) and whether it is copied into every expert.
+    ``names``: all the model's state-dict names."""
+    if ROUTER.search(name):
+        return None, False
+    for suffix, source in EXPERT_SOURCES.items():
+        if name.endswith(suffix):
+            layer = name[: -len(suffix)]
+            if layer + "fc1.weight" in names:  # --moe-expert-placement parallel
+                return None, False
+            return layer + source, True
+    for suffix, source in LORA_BASE_SOURCES.items():
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + source, False
+    return name, False
+
+
+def dense_tensor(dense: dict, name: str, shape, names: set[str], source: str):
+    """The value the model's tensor ``name`` (of ``shape``) takes from ``dense`` (expanded over
+    the experts for stacked expert weights), or None when it does not come from it. Raises
+    ValueError naming the parameter when the weight is missing (and may not be new) or has
+    another shape."""
+    wanted, stacked = dense_source(name, names)
+    if wanted is None:
+        return None
+    found = _find(dense, wanted)
+    if found is None:
+        if MAY_BE_NEW.search(name):
+            return None
+        what = "dense FFN weight" if wanted != name else "weight"
+        raise ValueError(f"{source} has no {what} for {name} (looked for {wanted})")
+    value = dense[found]
+    _check_shape(name, tuple(shape[1:] if stacked else shape), found, value, source)
+    return (value.unsqueeze(0).expand(shape) if stacked else value), found
+
+
 def upcycle(model: torch.nn.Module, dense: dict, noise: float = 0.0, router_init: str = "random",
             source: str = "the dense checkpoint") -> dict:  # fmt: skip
     """Copy ``dense`` into ``model`` as described above; returns what was copied and skipped.
@@ -72,39 +125,28 @@ def upcycle(model: torch.nn.Module, dense: dict, noise: float = 0.0, router_init
         raise ValueError(f"--moe-upcycle-router-init must be zero or random, got {router_init!r}")
     used, copied, experts, new = set(), 0, 0, []
     params = dict(model.state_dict(keep_vars=True))
+    names = set(params)
     with torch.no_grad():
         for name, target in params.items():
-            if name.endswith(ROUTER):
-                if router_init == "zero":
-                    target.zero_()
-                continue
-            suffix = next((s for s in EXPERT_SOURCES if name.endswith(s)), None)
-            if suffix is not None:
-                dense_name = _find(dense, name[: -len(suffix)] + EXPERT_SOURCES[suffix])
-                if dense_name is None:
-                    raise ValueError(
-                        f"{source} has no dense FFN weight for {name} (looked for "
-                        f"{name[: -len(suffix)] + EXPERT_SOURCES[suffix]})"
-                    )
-                weight = dense[dense_name].to(target.dtype)
-                _check_shape(name, tuple(target.shape[1:]), dense_name, weight, source)
-                target.copy_(weight.unsqueeze(0).expand_as(target))
-                if noise > 0 and suffix.endswith("weight"):
-                    stack = model.get_submodule(name[: -len(suffix)] + "moe.experts")
-                    stack.add_noise_(suffix.rsplit(".", 1)[1], noise * float(weight.float().std()))
-                used.add(dense_name)
-                experts += 1
-                continue
-            dense_name = _find(dense, name)
-            if dense_name is None:
-                if MAY_BE_NEW.search(name):
+            if name.endswith(".moe.gate.wg.weight") and router_init == "zero":
+                target.zero_()
+            found = dense_tensor(dense, name, tuple(target.shape), names, source)
+            if found is None:
+                if not ROUTER.search(name):
                     new.append(name)
-                    continue
-                raise ValueError(f"{source} has no weight for {name}")
-            _check_shape(name, tuple(target.shape), dense_name, dense[dense_name], source)
-            target.copy_(dense[dense_name].to(target.dtype))
+                continue
+            value, dense_name = found
+            target.copy_(value.to(target.dtype))
             used.add(dense_name)
-            copied += 1
+            suffix = next((s for s in EXPERT_SOURCES if name.endswith(s)), None)
+            if suffix is None:
+                copied += 1
+                continue
+            experts += 1
+            if noise > 0 and suffix.endswith("weight"):
+                stack = model.get_submodule(name[: -len(suffix)] + "moe.experts")
+                std = noise * float(dense[dense_name].float().std())
+                stack.add_noise_(suffix.rsplit(".", 1)[1], std)
     unused = sorted(set(dense) - used)
     logger.info(
         f"upcycled from {source}: {copied} tensors copied, {experts} expert tensors from dense "
@@ -138,3 +180,17 @@ def maybe_upcycle(model: torch.nn.Module, args) -> None:
     )
     args.moe_upcycled_from = str(path)
     args.moe_init_from_dense = None
+    if getattr(args, "moe_save_trainable_only", False):
+        from .adapter_checkpoint import record_base
+
+        record_base(args, path)
+
+
+def prepare_moe_model(model: torch.nn.Module, args) -> None:
+    """What both MoE models do once built: upcycle (``--moe-init-from-dense``), then freeze the
+    base (``--moe-freeze-base``)."""
+    maybe_upcycle(model, args)
+    if getattr(args, "moe_freeze_base", False):
+        from .frozen_base import freeze_base
+
+        freeze_base(model, train_heads=bool(getattr(args, "moe_train_heads", False)))

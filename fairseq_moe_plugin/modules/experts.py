@@ -37,7 +37,7 @@ from .expert_compute import IMPLS, grouped_mm_ffn, padded_ffn, pick_impl
 from .expert_parallel import ExpertParallelGroups
 from .gate import check_routing_options
 from .grad_buffers import GradientBuffers
-from .grouped_ffn import DispatchPlan, grouped_expert_ffn
+from .grouped_ffn import DispatchPlan, cast_once, check_plan, grouped_expert_ffn
 
 _ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear")
 
@@ -57,6 +57,15 @@ def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(_ACTIVATIONS)}")
 
 
+def expert_generators(expert_ids: range):
+    """``(local index, expert id, generator)`` for each expert held here: one draw of the global
+    RNG seeds them all, expert e's generator with ``seed + e``, so what an expert draws does not
+    depend on which experts a process holds (the expert-parallel layout)."""
+    seed = int(torch.randint(0, 2**62, ()).item())  # one draw of the global RNG
+    for local, e in enumerate(expert_ids):
+        yield local, e, torch.Generator().manual_seed(seed + e)
+
+
 class StackedExperts(nn.Module):
     """E two-layer FFNs ``fc2(dropout(act(fc1(x))))`` stored as stacked tensors.
 
@@ -72,6 +81,10 @@ class StackedExperts(nn.Module):
         expert_parallel: the expert-parallel layout; None (default) holds all E experts.
         impl: how the matmuls are issued (``expert_compute.IMPLS``): ``auto`` (default) picks
             per call, see ``expert_compute.pick_impl``.
+        zero_output: initialise every expert's output projection (``fc2_weight``,
+            ``fc2_bias``) to zero, here and in every ``reset_parameters``: the experts then add
+            nothing at first (``--moe-expert-placement parallel``), and only fc2 gets a
+            gradient at the first update (as a LoRA B matrix at zero).
     """
 
     _STACKED = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -86,8 +99,10 @@ class StackedExperts(nn.Module):
         reuse_grad_buffers: bool = True,
         expert_parallel: ExpertParallelGroups | None = None,
         impl: str = "auto",
+        zero_output: bool = False,
     ):
         super().__init__()
+        self.zero_output = zero_output
         if impl not in IMPLS:
             raise ValueError(f"unknown expert implementation {impl!r}; expected one of {IMPLS}")
         self.impl = impl
@@ -128,10 +143,8 @@ class StackedExperts(nn.Module):
         init of fairseq's dense transformer FFN), or, with ``std``, as BERT's FFNs are
         (N(0, std) weights, zero biases). Expert e draws from its own generator (see the module
         doc), so the result does not depend on the expert-parallel layout."""
-        seed = int(torch.randint(0, 2**62, ()).item())  # one draw of the global RNG
         pairs = ((self.fc1_weight, self.fc1_bias), (self.fc2_weight, self.fc2_bias))
-        for local, e in enumerate(self.local_expert_ids):
-            generator = torch.Generator().manual_seed(seed + e)
+        for local, _, generator in expert_generators(self.local_expert_ids):
             for weight, bias in pairs:
                 w, b = torch.empty(weight.shape[1:]), torch.empty(bias.shape[1:])
                 if std is None:
@@ -143,6 +156,9 @@ class StackedExperts(nn.Module):
                     b.zero_()
                 weight[local].copy_(w)
                 bias[local].copy_(b)
+        if self.zero_output:
+            self.fc2_weight.zero_()
+            self.fc2_bias.zero_()
 
     @torch.no_grad()
     def add_noise_(self, name: str, std: float) -> None:
@@ -150,9 +166,7 @@ class StackedExperts(nn.Module):
         upcycling), expert e from its own generator as in ``reset_parameters``, so the noise
         does not depend on the expert-parallel layout."""
         param = getattr(self, name)
-        seed = int(torch.randint(0, 2**62, ()).item())  # one draw of the global RNG
-        for local, e in enumerate(self.local_expert_ids):
-            generator = torch.Generator().manual_seed(seed + e)
+        for local, _, generator in expert_generators(self.local_expert_ids):
             noise = torch.randn(param.shape[1:], generator=generator) * std
             param[local].add_(noise.to(param.dtype))
 
@@ -204,27 +218,10 @@ class StackedExperts(nn.Module):
             (zero for a token with none), in the experts' compute dtype (the autocast dtype
             under autocast, else the weights' dtype).
         """
-        num_tokens, k = plan.combine_index.shape
-        if plan.counts.numel() != self.num_local_experts or num_tokens != x.shape[0]:
-            raise ValueError(
-                f"the plan's tokens_per_expert must have {self.num_local_experts} entries (one "
-                f"per expert held here) and cover the {x.shape[0]} tokens of x; it has "
-                f"{plan.counts.numel()} entries for {num_tokens} tokens"
-            )
-        if weight is not None and weight.shape != (num_tokens, k):
-            raise ValueError(
-                f"combine weights must have shape {(num_tokens, k)}, got {tuple(weight.shape)}"
-            )
+        check_plan(plan, x, weight, self.num_local_experts)
         params = (self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias)
+        x, weight, params = cast_once(x, weight, params)
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Autocast would cast op by op inside the grouped function; cast once here instead.
-            dtype = torch.get_autocast_dtype(device_type)
-            params = tuple(p.to(dtype) for p in params)
-        else:
-            dtype = self.fc1_weight.dtype
-        x = x.to(dtype)
-        weight = None if weight is None else weight.to(dtype)
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or (weight is not None and weight.requires_grad)

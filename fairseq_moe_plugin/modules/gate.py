@@ -64,6 +64,32 @@ def load_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.
     return num_experts * torch.sum(f * p)
 
 
+def mse_balance_loss(probs: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the batch's mean routing probability and uniform:
+    ``mean_i (P_i - 1/E)^2`` with ``P_i = mean_tokens probs[:, i]``.
+
+    The balance loss of the GLBL design (expert MLPs added to a frozen pretrained model, with a
+    global load balance over the batch). It is the squared coefficient of variation of expert
+    importance of Shazeer et al. (2017), "Outrageously Large Neural Networks", eq. 6-7
+    (``CV(Importance)^2`` with ``Importance_i = sum_tokens probs[:, i]``), divided by ``E^2``:
+    ``CV^2 = Var(P) / mean(P)^2 = E^2 * mean_i (P_i - 1/E)^2``. It is 0 when the mean routing
+    probability is uniform, and, unlike the Switch loss, it has a gradient under dense routing.
+
+    Args:
+        probs: N x E softmax probabilities (fp32), non-padding tokens only.
+    Returns:
+        a scalar; 0 when there are no tokens.
+    """
+    num_tokens, num_experts = probs.shape
+    if num_tokens == 0:
+        return probs.sum() * 0.0
+    return (probs.mean(dim=0) - 1.0 / num_experts).pow(2).mean()
+
+
+BALANCE_LOSSES = ("switch", "mse")
+ROUTINGS = ("topk", "dense")
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss, ST-MoE (Zoph et al., 2022, "ST-MoE: Designing Stable and Transferable
     Sparse Expert Models"), eq. 5: ``mean_tokens( logsumexp_j(logits_j) ^ 2 )``.
@@ -107,6 +133,28 @@ def check_routing_options(
             f"--moe-expert-parallel-size {expert_parallel_size} must be >= 1 and divide the "
             f"number of experts (--moe-expert-count) {num_experts}"
         )
+
+
+def check_router_options(
+    routing: str = "topk",
+    dense_until: int = 0,
+    temperature: float = 1.0,
+    balance_loss: str = "switch",
+    usage_ema: float = 0.0,
+) -> None:
+    """The one check of the router's other options; ValueError naming the flag."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing (--moe-routing) must be one of {ROUTINGS}, got {routing!r}")
+    if dense_until < 0:
+        raise ValueError(f"--moe-dense-routing-until must be >= 0, got {dense_until}")
+    if not temperature > 0:
+        raise ValueError(f"--moe-router-temperature must be > 0, got {temperature}")
+    if balance_loss not in BALANCE_LOSSES:
+        raise ValueError(
+            f"--moe-balance-loss must be one of {BALANCE_LOSSES}, got {balance_loss!r}"
+        )
+    if not 0.0 <= usage_ema < 1.0:
+        raise ValueError(f"--moe-usage-ema must be in [0, 1) (0 = off), got {usage_ema}")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
@@ -157,6 +205,7 @@ class RouterLosses:
     logits: torch.Tensor  # N x E
     probs: torch.Tensor  # N x E
     expert_index: torch.Tensor  # N x k
+    balance_type: str  # "switch" or "mse" (BALANCE_LOSSES)
 
     @cached_property
     def logits_finite(self) -> torch.Tensor:
@@ -165,7 +214,10 @@ class RouterLosses:
 
     @cached_property
     def balance_loss(self) -> torch.Tensor:
-        """Scalar, differentiable: Switch eq. 4-6 (``load_balance_loss``)."""
+        """Scalar, differentiable: Switch eq. 4-6 (``load_balance_loss``), or the MSE to uniform
+        (``mse_balance_loss``) when ``balance_type`` is ``mse``."""
+        if self.balance_type == "mse":
+            return mse_balance_loss(self.probs)
         return load_balance_loss(self.probs, self.expert_index)
 
     @cached_property
@@ -184,6 +236,8 @@ class GateOutput(RouterLosses):
     expert_weight: torch.Tensor  # N x k combine weights (renormalised if asked), 0 where dropped
     keep: torch.Tensor  # N x k bool, False where capacity dropped the assignment
     capacity: int  # per-expert capacity used (N when dropless)
+    balance_type: str = "switch"  # which balance loss ``balance_loss`` computes
+    dense: bool = False  # dense routing: k = E, every expert weighted by its probability
 
     @property
     def all_kept(self) -> bool:
@@ -210,6 +264,20 @@ class TopKGate(nn.Module):
             token's routing never depends on the rest of the batch.
         jitter_eps: multiplicative jitter on the router input in training, x * U(1-eps, 1+eps)
             (Switch Transformer, sec. 2.4); 0 disables it.
+        routing: ``topk``, or ``dense``: every token goes to all E experts, each weighted by its
+            probability, with no capacity (DyLoRA-MoE's "dense collaboration"; k is then E).
+        dense_until: route densely while the update count (``set_num_updates``) is below this,
+            then by ``routing`` (DyLoRA-MoE's maturity schedule for new experts); 0 = off. The
+            count is a buffer (``routing_updates``), so a checkpoint routes as it was trained.
+        temperature: the softmax sees ``logits / temperature`` (> 0); the logits this gate
+            reports (and the z-loss reads) are the divided ones.
+        router_bias: a learned per-expert bias in the router (``wg.bias``); expert growth
+            (``models/grow.py``) uses it to start new experts below the old ones.
+        balance_loss: which balance loss the outputs' ``balance_loss`` computes: ``switch``
+            (Switch Transformer eq. 4-6) or ``mse`` (``mse_balance_loss``).
+        usage_ema: decay of an exponential moving average of each expert's load share, kept in
+            the buffer ``usage_ema`` (saved in checkpoints) and updated with
+            ``update_usage_ema`` (the MoE criteria do, once per training batch); 0 = off.
     """
 
     def __init__(
@@ -221,16 +289,60 @@ class TopKGate(nn.Module):
         capacity_factor: float = 1.25,
         eval_capacity_factor: float = 0.0,
         jitter_eps: float = 0.0,
+        routing: str = "topk",
+        dense_until: int = 0,
+        temperature: float = 1.0,
+        router_bias: bool = False,
+        balance_loss: str = "switch",
+        usage_ema: float = 0.0,
     ):
         super().__init__()
         check_routing_options(num_experts, k, jitter_eps)
+        check_router_options(routing, dense_until, temperature, balance_loss, usage_ema)
         self.num_experts = num_experts
         self.k = k
         self.normalize_top_k = normalize_top_k
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.jitter_eps = jitter_eps
-        self.wg = nn.Linear(d_model, num_experts, bias=False)
+        self.routing = routing
+        self.dense_until = dense_until
+        self.temperature = temperature
+        self.balance_type = balance_loss
+        self.usage_ema_decay = usage_ema
+        self.wg = nn.Linear(d_model, num_experts, bias=router_bias)
+        if router_bias:
+            nn.init.zeros_(self.wg.bias)
+        if dense_until > 0:
+            self.register_buffer("routing_updates", torch.zeros((), dtype=torch.long))
+        if usage_ema > 0:
+            self.register_buffer("usage_ema", torch.full((num_experts,), 1.0 / num_experts))
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq calls this before every update (``BaseFairseqModel.set_num_updates``); only
+        the maturity schedule (``dense_until``) reads it."""
+        if self.dense_until > 0:
+            self.routing_updates.fill_(int(num_updates))
+
+    @property
+    def routes_densely(self) -> bool:
+        """Whether this forward routes densely: ``routing == "dense"``, or the maturity schedule
+        still runs (one host read of the update count, only when the schedule is on)."""
+        if self.routing == "dense":
+            return True
+        return self.dense_until > 0 and int(self.routing_updates) < self.dense_until
+
+    @torch.no_grad()
+    def update_usage_ema(self, load: torch.Tensor) -> None:
+        """``ema = decay * ema + (1 - decay) * load / sum(load)``; load: E expert loads (counts
+        or probability mass) of one batch. A batch without tokens changes nothing."""
+        if self.usage_ema_decay <= 0:
+            raise ValueError("update_usage_ema needs a gate built with usage_ema > 0")
+        total = load.sum()
+        if float(total) <= 0:
+            return
+        share = (load / total).to(self.usage_ema.dtype)
+        self.usage_ema.mul_(self.usage_ema_decay).add_(share, alpha=1.0 - self.usage_ema_decay)
 
     def forward(self, x: torch.Tensor) -> GateOutput:
         """x: N x C non-padding tokens (any dtype). Routing is computed in fp32."""
@@ -240,8 +352,13 @@ class TopKGate(nn.Module):
             if self.training and self.jitter_eps > 0:
                 noise = torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
                 x = x * noise
-            logits = F.linear(x, self.wg.weight.float())  # N x E
+            bias = None if self.wg.bias is None else self.wg.bias.float()
+            logits = F.linear(x, self.wg.weight.float(), bias)  # N x E
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
             probs = torch.softmax(logits, dim=-1)  # N x E
+            if self.routes_densely:
+                return self._dense(logits, probs)
             top_prob, top_index = torch.topk(probs, self.k, dim=-1)  # N x k, best first
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             capacity = expert_capacity(x.shape[0], self.num_experts, self.k, factor)
@@ -258,11 +375,30 @@ class TopKGate(nn.Module):
                 expert_weight=weight,
                 keep=keep,
                 capacity=capacity,
+                balance_type=self.balance_type,
             )
+
+    def _dense(self, logits: torch.Tensor, probs: torch.Tensor) -> GateOutput:
+        """Every token to every expert, weighted by its probability (logits, probs: N x E)."""
+        num_tokens = probs.shape[0]
+        index = torch.arange(self.num_experts, device=probs.device)
+        return GateOutput(
+            logits=logits,
+            probs=probs,
+            expert_index=index.expand(num_tokens, -1),  # N x E
+            expert_weight=probs,  # N x E
+            keep=torch.ones_like(probs, dtype=torch.bool),
+            capacity=num_tokens,
+            balance_type=self.balance_type,
+            dense=True,
+        )
 
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, k={self.k}, normalize_top_k={self.normalize_top_k}, "
             f"capacity_factor={self.capacity_factor}, "
-            f"eval_capacity_factor={self.eval_capacity_factor}, jitter_eps={self.jitter_eps}"
+            f"eval_capacity_factor={self.eval_capacity_factor}, jitter_eps={self.jitter_eps}, "
+            f"routing={self.routing}, dense_until={self.dense_until}, "
+            f"temperature={self.temperature}, balance_loss={self.balance_type}, "
+            f"usage_ema={self.usage_ema_decay}"
         )

@@ -87,6 +87,40 @@ class DispatchPlan:
         return self.order.numel()
 
 
+def check_plan(
+    plan: DispatchPlan, x: torch.Tensor, weight: torch.Tensor | None, num_experts: int
+) -> None:
+    """ValueError unless ``plan`` has one count per expert held here (``num_experts``) and
+    covers the N tokens of ``x`` (N x C), and ``weight`` (N x k combine weights) matches it."""
+    num_tokens, k = plan.combine_index.shape
+    if plan.counts.numel() != num_experts or num_tokens != x.shape[0]:
+        raise ValueError(
+            f"the plan's tokens_per_expert must have {num_experts} entries (one per expert held "
+            f"here) and cover the {x.shape[0]} tokens of x; it has {plan.counts.numel()} "
+            f"entries for {num_tokens} tokens"
+        )
+    if weight is not None and weight.shape != (num_tokens, k):
+        raise ValueError(
+            f"combine weights must have shape {(num_tokens, k)}, got {tuple(weight.shape)}"
+        )
+
+
+def cast_once(
+    x: torch.Tensor, weight: torch.Tensor | None, params: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]:
+    """x, the combine weights and the expert parameters in the experts' compute dtype: the
+    autocast dtype under autocast (cast once here, where autocast would cast op by op, each
+    expert's slice again), else the parameters' dtype. The caller then computes with autocast
+    off."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        params = tuple(p.to(dtype) for p in params)
+    else:
+        dtype = params[0].dtype
+    return x.to(dtype), (None if weight is None else weight.to(dtype)), params
+
+
 def _activate(name: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(activation output, what backward needs). May overwrite ``z`` (it is a fresh buffer)."""
     if name == "relu":

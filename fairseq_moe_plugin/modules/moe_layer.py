@@ -93,6 +93,8 @@ class MoELayer(nn.Module):
             expert_counts=plan.counts,
             token_index=token_index,
             input_shape=tuple(shape[:-1]),
+            balance_type=gate_out.balance_type,
+            dense=gate_out.dense,
         )
         return y.view(shape), record
 

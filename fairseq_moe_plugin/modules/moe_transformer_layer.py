@@ -33,6 +33,7 @@ from .checkpointing import checkpointed
 from .expert_parallel import expert_parallel_groups
 from .experts import StackedExperts
 from .gate import TopKGate
+from .lora_experts import LoRAExperts
 from .moe_layer import MoELayer
 from .record import MoERecord
 
@@ -49,7 +50,25 @@ def build_moe_layer(
         capacity_factor=moe_cfg.moe_capacity_factor,
         eval_capacity_factor=moe_cfg.moe_eval_capacity_factor,
         jitter_eps=moe_cfg.moe_jitter_eps,
+        routing=str(moe_cfg.moe_routing),
+        dense_until=moe_cfg.moe_dense_routing_until,
+        temperature=moe_cfg.moe_router_temperature,
+        router_bias=moe_cfg.moe_router_bias,
+        balance_loss=str(moe_cfg.moe_balance_loss),
+        usage_ema=moe_cfg.moe_usage_ema,
     )
+    if str(moe_cfg.moe_expert_type) == "lora":
+        experts = LoRAExperts(
+            moe_cfg.moe_expert_count,
+            d_model,
+            ffn_dim,
+            rank=moe_cfg.moe_lora_rank,
+            alpha=moe_cfg.moe_lora_alpha,
+            lora_dropout=moe_cfg.moe_lora_dropout,
+            activation_fn=activation_fn,
+            activation_dropout=activation_dropout,
+        )
+        return MoELayer(gate, experts, name=name)
     experts = StackedExperts(
         moe_cfg.moe_expert_count,
         d_model,
@@ -59,6 +78,7 @@ def build_moe_layer(
         reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
         expert_parallel=expert_parallel_groups(moe_cfg.moe_expert_parallel_size),
         impl=moe_cfg.moe_expert_impl,
+        zero_output=str(moe_cfg.moe_expert_placement) == "parallel",  # adds nothing at first
     )
     return MoELayer(gate, experts, name=name)
 
@@ -76,10 +96,14 @@ class _MoEFFNBlock:
     moe: MoELayer
 
     def _install_moe(self, cfg, moe_cfg, side_cfg, name: str) -> None:
-        """Build the MoE layer (``side_cfg``: ``cfg.encoder`` or ``cfg.decoder``) in place of
-        the dense FFN fairseq's __init__ built, which is unregistered so that the state dict
-        holds only the MoE parameters (``moe.gate.*``, ``moe.experts.*``)."""
-        del self.fc1, self.fc2, self.activation_dropout_module, self.activation_fn
+        """Build the MoE layer (``side_cfg``: ``cfg.encoder`` or ``cfg.decoder``). With
+        ``--moe-expert-placement replace`` it takes the place of the dense FFN fairseq's
+        __init__ built, which is unregistered so that the state dict holds only the MoE
+        parameters (``moe.gate.*``, ``moe.experts.*``); with ``parallel`` the dense FFN stays
+        (``fc1``, ``fc2``, fairseq's names) and the MoE output is added to its output."""
+        self.parallel_ffn = str(moe_cfg.moe_expert_placement) == "parallel"
+        if not self.parallel_ffn:
+            del self.fc1, self.fc2, self.activation_dropout_module, self.activation_fn
         activation_dropout = float(cfg.activation_dropout or cfg.relu_dropout or 0.0)
         self.moe = build_moe_layer(
             moe_cfg,
@@ -126,6 +150,9 @@ class _MoEFFNBlock:
 
         def moe(h):
             y, record = self.moe(h, mask)  # T x B x C
+            if self.parallel_ffn:  # fairseq's dense FFN, beside the experts
+                dense = self.activation_dropout_module(self.activation_fn(self.fc1(h)))
+                y = y + self.fc2(dense)  # T x B x C
             return y, (y, record)
 
         x, (fc_result, record) = self._residual_block(x, self.final_layer_norm, moe)

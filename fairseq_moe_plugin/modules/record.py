@@ -45,6 +45,18 @@ class MoERecord(RouterLosses):
     # flat position i).
     token_index: torch.Tensor | None
     input_shape: tuple[int, ...]  # the layer input's leading shape, e.g. (T, B)
+    balance_type: str = "switch"  # which balance loss ``balance_loss`` is (gate.BALANCE_LOSSES)
+    dense: bool = False  # dense routing: k = E, every expert weighted by its probability
+
+    @cached_property
+    def expert_load(self) -> torch.Tensor:
+        """E float: each expert's load in this forward, summable over batches: the router's
+        assignments (``expert_counts_routed``) under top-k routing; under dense routing, where
+        every expert gets every token, the probability mass it received (``probs`` summed over
+        tokens)."""
+        if self.dense:
+            return self.probs.detach().sum(dim=0)
+        return self.expert_counts_routed.float()
 
     @cached_property
     def expert_counts_routed(self) -> torch.Tensor:
