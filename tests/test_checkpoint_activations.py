@@ -41,10 +41,21 @@ def _translation(toy_data, *flags):
     return model, task, criterion, args
 
 
+# Issue 14's layers: LoRA experts, experts beside the dense FFN, dense routing with the MSE loss
+# and the usage EMA (which the criterion updates once, whatever the recompute).
+ADAPTERS = [
+    (),
+    ("--moe-expert-type", "lora", "--moe-lora-rank", 4),
+    ("--moe-expert-placement", "parallel", "--moe-routing", "dense", "--moe-balance-loss", "mse",
+     "--moe-usage-ema", 0.9),
+]  # fmt: skip
+
+
 @pytest.mark.parametrize("flags", CHECKPOINTING)
-def test_moe_transformer_gradients_equal_with_checkpointing(toy_data, flags):
-    plain, task, criterion, _ = _translation(toy_data)
-    wrapped, _, wrapped_criterion, args = _translation(toy_data, *flags)
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=["ffn", "lora", "parallel_dense"])
+def test_moe_transformer_gradients_equal_with_checkpointing(toy_data, flags, adapter):
+    plain, task, criterion, _ = _translation(toy_data, *adapter)
+    wrapped, _, wrapped_criterion, args = _translation(toy_data, *adapter, *flags)
     assert args.checkpoint_activations  # --offload-activations implies it
     assert all(
         layer.checkpoint_activations for layer in wrapped.encoder.layers if hasattr(layer, "moe")
@@ -60,6 +71,12 @@ def test_moe_transformer_gradients_equal_with_checkpointing(toy_data, flags):
     # The routers' gradients include the aux losses' share: without it they would differ.
     for name in ("encoder.layers.1.moe.gate.wg.weight", "decoder.layers.1.moe.gate.wg.weight"):
         assert got[name].norm() > 0
+    # One batch folded into the usage EMA once, recompute or not.
+    emas = {n: b for n, b in plain.named_buffers() if n.endswith("usage_ema")}
+    for name, buffer in wrapped.named_buffers():
+        if name in emas:
+            torch.testing.assert_close(buffer, emas[name])
+            assert not torch.allclose(buffer, torch.full_like(buffer, 1 / buffer.numel()))
 
 
 def test_the_aux_losses_reach_the_router_under_checkpointing(toy_data):

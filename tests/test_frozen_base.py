@@ -163,3 +163,40 @@ def test_maturity_schedule_routes_densely_then_top_k(toy_data):
     fresh.load_state_dict(state)
     fresh_gates = [m.gate for m in fresh.modules() if isinstance(m, MoELayer)]
     assert all(not g.routes_densely for g in fresh_gates)
+
+
+@pytest.mark.parametrize("expert_type", ["ffn", "lora"])
+def test_moe_roberta_adapter_state_dict_round_trip(tmp_path, expert_type):
+    """An adapter-only state dict of moe_roberta (frozen head kept, frozen base dropped) loads
+    into a freshly built model, which takes the base from the dense checkpoint and then
+    computes what the saved model computed."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.models.roberta import RobertaModel
+
+    task = FakeTask()
+    dense_args = roberta_args("--encoder-layers", 2, "--encoder-embed-dim", 64,
+                              "--encoder-ffn-embed-dim", 128, "--encoder-attention-heads", 2,
+                              arch="roberta")  # fmt: skip
+    dense = RobertaModel.build_model(dense_args, task)
+    path = tmp_path / "roberta.pt"
+    save_trainer_style_checkpoint(dense, convert_namespace_to_omegaconf(dense_args), path)
+    args = roberta_args("--moe-init-from-dense", path, "--encoder-moe-freq", 1,
+                        "--moe-expert-type", expert_type, "--moe-freeze-base",
+                        "--moe-save-trainable-only")  # fmt: skip
+    model = MoERobertaModel.build_model(args, task).eval()
+    model.register_classification_head("cls", num_classes=3)
+    with torch.no_grad():  # as if trained
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    state = model.state_dict()
+    assert "encoder.sentence_encoder.layers.0.self_attn.k_proj.weight" not in state
+    assert "classification_heads.cls.dense.weight" in state  # frozen but not from the base
+    fresh = MoERobertaModel.build_model(args, task).eval()  # args: the base recorded, no upcycle
+    fresh.register_classification_head("cls", num_classes=3)
+    fresh.load_state_dict(state)
+    x = tokens()
+    with torch.no_grad():
+        expected, _ = model(x, classification_head_name="cls")
+        got, _ = fresh(x, classification_head_name="cls")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

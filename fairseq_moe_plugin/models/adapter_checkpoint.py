@@ -50,9 +50,16 @@ def adapter_only(args) -> bool:
 
 
 def trim_state_dict(model: nn.Module, state: dict) -> dict:
-    """``state`` (the model's full state dict, unprefixed) less its frozen parameters; logs the
-    sizes of both, once per model."""
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    """``state`` (the model's full state dict, unprefixed) less its frozen parameters that the
+    base checkpoint provides: not the ones upcycling found new (``args.moe_base_new``, e.g. the
+    LM head of a translation encoder) nor classification heads (registered after upcycling),
+    which no base could give back. Logs the sizes of both, once per model."""
+    new = set(getattr(getattr(model, "args", None), "moe_base_new", None) or [])
+    frozen = {
+        name
+        for name, p in model.named_parameters()
+        if not p.requires_grad and name not in new and not name.startswith("classification_heads.")
+    }
     kept = {name: value for name, value in state.items() if name not in frozen}
     if not getattr(model, "_moe_adapter_size_logged", False):
         model._moe_adapter_size_logged = True

@@ -171,7 +171,7 @@ def maybe_upcycle(model: torch.nn.Module, args) -> None:
     path = getattr(args, "moe_init_from_dense", None)
     if not path:
         return
-    upcycle(
+    report = upcycle(
         model,
         load_dense_state(path),
         noise=float(getattr(args, "moe_upcycle_noise", 0.0) or 0.0),
@@ -180,6 +180,9 @@ def maybe_upcycle(model: torch.nn.Module, args) -> None:
     )
     args.moe_upcycled_from = str(path)
     args.moe_init_from_dense = None
+    # What the dense checkpoint did not provide (new heads, LoRA deltas, ...): an adapter-only
+    # checkpoint keeps these even when frozen, as no base can give them back.
+    args.moe_base_new = list(report["new"])
     if getattr(args, "moe_save_trainable_only", False):
         from .adapter_checkpoint import record_base
 
