@@ -17,7 +17,7 @@ COMMON = ["--source-lang", "src", "--target-lang", "tgt", "--dropout", "0.0",
           "--encoder-ffn-embed-dim", 128, "--decoder-ffn-embed-dim", 128,
           "--optimizer", "adam", "--lr", 0.003, "--max-tokens", 2000, "--seed", 1,
           "--num-workers", 0, "--no-epoch-checkpoints", "--log-format", "json",
-          "--log-interval", 2, "--disable-validation"]  # fmt: skip
+          "--log-interval", 2, "--disable-validation", "--share-all-embeddings"]  # fmt: skip
 ADAPT = ["--arch", "moe_transformer_tiny", "--encoder-moe-freq", 1, "--decoder-moe-freq", 1,
          "--moe-freeze-base", "--moe-expert-placement", "parallel", "--moe-usage-ema", 0.9,
          "--moe-balance-loss", "mse", "--moe-router-temperature", 2.0,

@@ -48,11 +48,12 @@ def test_parallel_experts_start_from_the_dense_model(toy_data, dense_checkpoint,
 @pytest.mark.parametrize(
     "routing",
     [["--moe-top-k", 1, "--moe-normalize-top-k"], ["--moe-top-k", 2, "--moe-normalize-top-k"],
-     ["--moe-routing", "dense"]],
+     ["--moe-routing", "dense"],
+     ["--moe-top-k", 1]],
 )  # fmt: skip
 def test_lora_experts_start_from_the_dense_model(toy_data, dense_checkpoint, routing):
-    """LoRA experts are the dense FFN plus deltas whose B is zero: with combine weights summing
-    to 1 the model computes what the dense one did."""
+    """LoRA experts adapt the dense FFN with deltas whose B is zero: whatever the combine
+    weights (unnormalised top-1 included), the model computes what the dense one did."""
     path, dense = dense_checkpoint
     model, task, _ = _adapted(toy_data, path, "--moe-expert-type", "lora", *routing)
     experts = model.decoder.layers[1].moe.experts

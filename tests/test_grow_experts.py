@@ -52,32 +52,31 @@ def make_state(kind="ffn", num_experts=4, bias=False, ema=False, updates=False, 
     return state
 
 
-def expert_outputs(state, p, x):
-    """E x N x C: every expert of layer ``p`` on x (N x C), relu FFNs (ffn or LoRA experts)."""
+def combine_weights(state, p, x, routing="dense", k=2, temperature=1.0):
+    """N x E: each token's combine weight per expert, dense or top-k (raw probabilities)."""
+    bias = state.get(f"{p}.gate.wg.bias")
+    probs = torch.softmax(F.linear(x, state[f"{p}.gate.wg.weight"], bias) / temperature, -1)
+    if routing == "dense":
+        return probs
+    top_p, top_i = torch.topk(probs, k, dim=-1)  # N x k
+    return torch.zeros_like(probs).scatter(1, top_i, top_p)
+
+
+def layer_output(state, p, x, routing="dense", k=2, temperature=1.0):
+    """N x C: the MoE layer ``p`` on x (relu): FFN experts mixed by their outputs; LoRA experts
+    mixed at each linear layer, the frozen FFN once per token (``LoRAExperts``)."""
+    w = combine_weights(state, p, x, routing, k, temperature)  # N x E
     if f"{p}.experts.fc1_weight" in state:
         h = torch.einsum("nc,efc->enf", x, state[f"{p}.experts.fc1_weight"])
         a = F.relu(h + state[f"{p}.experts.fc1_bias"][:, None])
         y = torch.einsum("enf,ecf->enc", a, state[f"{p}.experts.fc2_weight"])
-        return y + state[f"{p}.experts.fc2_bias"][:, None]
+        return torch.einsum("ne,enc->nc", w, y + state[f"{p}.experts.fc2_bias"][:, None])
     a1, b1 = state[f"{p}.experts.lora_a1"], state[f"{p}.experts.lora_b1"]
     a2, b2 = state[f"{p}.experts.lora_a2"], state[f"{p}.experts.lora_b2"]
     h = F.linear(x, state[f"{p}.experts.fc1.weight"], state[f"{p}.experts.fc1.bias"])  # N x F
-    h = h + LORA_SCALE * torch.einsum("nc,erc,efr->enf", x, a1, b1)
-    a = F.relu(h)  # E x N x F
+    a = F.relu(h + LORA_SCALE * torch.einsum("ne,nc,erc,efr->nf", w, x, a1, b1))
     y = F.linear(a, state[f"{p}.experts.fc2.weight"], state[f"{p}.experts.fc2.bias"])
-    return y + LORA_SCALE * torch.einsum("enf,erf,ecr->enc", a, a2, b2)
-
-
-def layer_output(state, p, x, routing="dense", k=2, temperature=1.0):
-    """N x C: the MoE layer ``p`` on x with dense or top-k (raw probabilities) routing."""
-    bias = state.get(f"{p}.gate.wg.bias")
-    probs = torch.softmax(F.linear(x, state[f"{p}.gate.wg.weight"], bias) / temperature, -1)
-    y = expert_outputs(state, p, x)  # E x N x C
-    if routing == "dense":
-        return torch.einsum("ne,enc->nc", probs, y)
-    top_p, top_i = torch.topk(probs, k, dim=-1)  # N x k
-    rows = torch.arange(x.shape[0])
-    return sum(top_p[:, j, None] * y[top_i[:, j], rows] for j in range(k))
+    return y + LORA_SCALE * torch.einsum("ne,nf,erf,ecr->nc", w, a, a2, b2)
 
 
 def test_offset_grows_every_layer_and_keeps_the_old_weights():

@@ -1,6 +1,6 @@
-"""Tests for fairseq_moe_plugin/modules/lora_experts.py: LoRA experts on a shared frozen FFN,
-checked against a naive per-token, per-assignment Python loop written here (no shared code with
-the module's grouped path), alone and inside ``MoELayer``."""
+"""Tests for fairseq_moe_plugin/modules/lora_experts.py: LoRA experts adapting a shared frozen
+FFN, mixed at each linear layer (MoLoRA), checked against a naive per-token Python loop written
+here (no shared code with the module's grouped path), alone and inside ``MoELayer``."""
 
 from __future__ import annotations
 
@@ -29,27 +29,46 @@ def make_experts(activation: str = "relu", random_b: bool = True, **kwargs) -> L
     return experts
 
 
-def naive_expert(experts: LoRAExperts, e: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert e on one token x (C): the LoRA formulas, vector by vector."""
+def naive_token(experts: LoRAExperts, x: torch.Tensor, choices) -> torch.Tensor:
+    """One token x (C) with its kept choices [(expert, weight)]: the frozen FFN once, with the
+    weighted LoRA deltas summed at fc1 and at fc2, vector by vector."""
     act = experts.activation_fn
     s = experts.alpha / experts.rank
     w1, b1, w2, b2 = experts.fc1.weight, experts.fc1.bias, experts.fc2.weight, experts.fc2.bias
-    h = w1 @ x + b1 + s * (experts.lora_b1[e] @ (experts.lora_a1[e] @ x))  # F
+    a1, lb1, a2, lb2 = (getattr(experts, n) for n in LORA)
+    h = w1 @ x + b1  # F
+    for e, w in choices:
+        h = h + w * s * (lb1[e] @ (a1[e] @ x))
     a = act(h)  # F
-    return w2 @ a + b2 + s * (experts.lora_b2[e] @ (experts.lora_a2[e] @ a))  # C
+    y = w2 @ a + b2  # C
+    for e, w in choices:
+        y = y + w * s * (lb2[e] @ (a2[e] @ a))
+    return y
+
+
+def naive_expert(experts: LoRAExperts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """The frozen FFN with expert e's deltas at weight 1, on one token x (C)."""
+    return naive_token(experts, x, [(e, 1.0)])
 
 
 def naive_moe(experts, x, expert_index, weight, keep) -> torch.Tensor:
-    """y[t] = sum over t's kept choices j of weight[t, j] * expert_{index[t, j]}(x[t])."""
+    """Row t: the frozen FFN on x[t] adapted by weight[t, j] * expert_{index[t, j]}'s deltas
+    over t's kept choices j (the plain frozen FFN with none)."""
+    if weight is not None:  # the gate's fp32 weights, cast once (each is used at fc1 and fc2)
+        weight = weight.to(x.dtype)
     rows = []
     for t in range(x.shape[0]):
-        y = x.new_zeros(x.shape[1])
-        for j in range(expert_index.shape[1]):
-            if keep is None or bool(keep[t, j]):
-                w = 1.0 if weight is None else weight[t, j]
-                y = y + w * naive_expert(experts, int(expert_index[t, j]), x[t])
-        rows.append(y)
+        choices = [
+            (int(expert_index[t, j]), 1.0 if weight is None else weight[t, j])
+            for j in range(expert_index.shape[1])
+            if keep is None or bool(keep[t, j])
+        ]
+        rows.append(naive_token(experts, x[t], choices))
     return torch.stack(rows) if rows else x.new_zeros(0, x.shape[1])
+
+
+def frozen_ffn(experts: LoRAExperts, x: torch.Tensor) -> torch.Tensor:
+    return experts.fc2(experts.activation_fn(experts.fc1(x)))  # N x C
 
 
 def routing(kind: str, num_tokens: int, drop: bool, seed: int = 0):
@@ -102,8 +121,10 @@ def test_forward_and_gradients_match_naive_loop(kind, drop, activation):
     torch.testing.assert_close(y, y_ref)
     for name, g, g_ref in zip(["x", "weight", *LORA], got, expected, strict=True):
         torch.testing.assert_close(g, g_ref, msg=lambda m, n=name: f"{n}: {m}")
+    assert got[1].abs().sum() > 0  # the router's weights get a gradient through the deltas
     if drop:
-        assert torch.equal(y[0], torch.zeros(C, dtype=y.dtype))  # no kept choice: 0, not bias
+        assert not keep[0].any()
+        torch.testing.assert_close(y[0], frozen_ffn(experts, x[0]))  # no kept choice: the FFN
         assert not got[1][~keep].any()  # dropped choices get no weight gradient
     if kind == "top1":
         for g in got[2:]:
@@ -118,12 +139,16 @@ def test_no_weights_means_one():
     torch.testing.assert_close(y, naive_moe(experts, x, index, None, keep))
 
 
-def test_expert_forward_matches_naive():
+def test_expert_forward_matches_naive_and_top1_at_weight_one():
     experts = make_experts("gelu")
     x = torch.randn(5, C, dtype=torch.float64)  # M x C
     for e in range(E):
         expected = torch.stack([naive_expert(experts, e, row) for row in x])
         torch.testing.assert_close(experts.expert_forward(e, x), expected)
+        index = torch.full((5, 1), e)
+        ones = torch.ones(5, 1, dtype=torch.float64)
+        y = experts(x, DispatchPlan.from_routing(index, None, E), ones)
+        torch.testing.assert_close(y, expected)
 
 
 @pytest.mark.parametrize("how", ["zero_tokens", "all_dropped"])
@@ -134,15 +159,20 @@ def test_no_assignment(how):
     keep = torch.zeros(num_tokens, 2, dtype=torch.bool)
     x = torch.randn(num_tokens, C, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(num_tokens, 2, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(num_tokens, C, dtype=torch.float64)
     y = experts(x, DispatchPlan.from_routing(index, keep, E), weight)
     assert y.shape == (num_tokens, C)
-    assert not y.any()  # zero, not fc2.bias
-    y.sum().backward()
+    y_ref = frozen_ffn(experts, x)  # no kept choice: the plain frozen FFN, not zero
+    torch.testing.assert_close(y, y_ref)
+    (y * probe).sum().backward()
     for name in LORA:  # zero gradients, not None
         grad = getattr(experts, name).grad
         assert grad is not None and not grad.any(), name
-    for t in (x, weight):  # nothing flows back (None when N = 0: x is then unused)
-        assert t.grad is None or not t.grad.any()
+    assert weight.grad is None or not weight.grad.any()  # no delta: no router gradient
+    grad_x, x.grad = x.grad, None
+    (y_ref * probe).sum().backward()
+    if num_tokens:
+        torch.testing.assert_close(grad_x, x.grad)  # through the frozen FFN
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,55 +180,65 @@ def test_no_assignment(how):
 # --------------------------------------------------------------------------------------------
 
 
-def frozen_ffn(experts: LoRAExperts, x: torch.Tensor) -> torch.Tensor:
-    return experts.fc2(experts.activation_fn(experts.fc1(x)))  # N x C
-
-
+@pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("kind", ["top1", "top2", "dense"])
-def test_fresh_experts_are_the_frozen_ffn(kind):
+def test_fresh_experts_are_the_frozen_ffn(kind, drop):
+    """B = 0: the frozen FFN for any combine weights, e.g. unnormalised top-1 probabilities
+    (``routing`` draws top-1/top-2 weights in [0, 1), not summing to 1)."""
     experts = make_experts(random_b=False)
     assert not experts.lora_b1.any() and not experts.lora_b2.any()
     assert experts.lora_a1.abs().sum() > 0 and experts.lora_a2.abs().sum() > 0
-    index, weight, keep = routing(kind, 8, drop=True)
+    index, weight, keep = routing(kind, 8, drop=drop)
     x = torch.randn(8, C, dtype=torch.float64)
     y = experts(x, DispatchPlan.from_routing(index, keep, E), weight)
-    total = (weight * keep).sum(dim=1, keepdim=True)  # N x 1, sum of kept weights
-    torch.testing.assert_close(y, total * frozen_ffn(experts, x))
-    if kind == "dense":  # no drops: the weights sum to 1, the output is the frozen FFN
-        y = experts(x, DispatchPlan.from_routing(index, None, E), weight)
-        torch.testing.assert_close(y, frozen_ffn(experts, x))
+    torch.testing.assert_close(y, frozen_ffn(experts, x))
+    y = experts(x, DispatchPlan.from_routing(index, keep, E), weight * 7.0)
+    torch.testing.assert_close(y, frozen_ffn(experts, x))
 
 
 def test_base_is_frozen_and_lora_trains():
-    experts = make_experts(random_b=False)
+    experts = make_experts("gelu", random_b=False)  # gelu: no dead unit hides a gradient
     for p in (*experts.fc1.parameters(), *experts.fc2.parameters()):
         assert not p.requires_grad
     assert all(getattr(experts, n).requires_grad for n in LORA)
     index, weight, _ = routing("top2", 6, drop=False)
+    weight.requires_grad_(True)
     x = torch.randn(6, C, dtype=torch.float64)
-    experts(x, DispatchPlan.from_routing(index, None, E), weight).pow(2).sum().backward()
+    plan = DispatchPlan.from_routing(index, None, E)
+    experts(x, plan, weight).pow(2).sum().backward()
     assert all(p.grad is None for p in (*experts.fc1.parameters(), *experts.fc2.parameters()))
-    # B = 0: A gets no gradient yet, B does (LoRA's start).
+    # B = 0: A gets no gradient yet, B does (LoRA's start), and the router none (no delta).
     assert not experts.lora_a1.grad.any() and not experts.lora_a2.grad.any()
     assert experts.lora_b1.grad.abs().sum() > 0 and experts.lora_b2.grad.abs().sum() > 0
+    assert not weight.grad.any()
+    weight.grad = None
+    with torch.no_grad():  # once B != 0 the router gets its gradient through the deltas
+        experts.lora_b1.normal_()
+    experts(x, plan, weight).pow(2).sum().backward()
+    assert weight.grad.abs().min() > 0
 
 
-@pytest.mark.parametrize("kind, k", [("top2", 2), ("dense", E)])
-def test_frozen_ffn_once_per_token(kind, k):
-    """The matmul FLOPs are fc1 and fc2 on N rows plus the rank-r deltas on M = N*k rows; the
-    full FFN on M rows would be k times the first term."""
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("kind", ["top1", "top2", "dense"])
+def test_frozen_ffn_once_per_token(kind, drop):
+    """The matmul FLOPs are exactly 4 N C F + 4 M r (C + F): fc1 and fc2 on the N tokens plus
+    the rank-r deltas (A then B, at fc1 and at fc2) on the M kept assignments; the full FFN on
+    M rows would be M / N times the first term."""
     experts = make_experts()
     num_tokens = 7
-    index, weight, _ = routing(kind, num_tokens, drop=False)
+    index, weight, keep = routing(kind, num_tokens, drop=drop)
     x = torch.randn(num_tokens, C, dtype=torch.float64, requires_grad=True)
+    plan = DispatchPlan.from_routing(index, keep, E)
+    rows = index.numel() if keep is None else int(keep.sum())  # M
+    assert plan.num_rows == rows
     with FlopCounterMode(display=False) as counter:
-        experts(x, DispatchPlan.from_routing(index, None, E), weight)
-    rows = num_tokens * k
-    expected = 2 * (2 * num_tokens * C * FF) + 2 * (2 * rows * R * (C + FF))
+        experts(x, plan, weight)
+    expected = 4 * num_tokens * C * FF + 4 * rows * R * (C + FF)
     assert counter.get_total_flops() == expected
 
 
-def test_fc1_sees_each_token_once(monkeypatch):
+@pytest.mark.parametrize("kind, drop", [("dense", False), ("top2", True)])
+def test_fc1_and_fc2_see_each_token_once(monkeypatch, kind, drop):
     experts = make_experts()
     seen = []
     linear = F.linear
@@ -209,10 +249,10 @@ def test_fc1_sees_each_token_once(monkeypatch):
         return linear(inp, weight, bias)
 
     monkeypatch.setattr(F, "linear", counting_linear)
-    index, weight, _ = routing("dense", 5, drop=False)
+    index, weight, keep = routing(kind, 5, drop=drop)
     x = torch.randn(5, C, dtype=torch.float64)
-    experts(x, DispatchPlan.from_routing(index, None, E), weight)
-    assert seen == [("fc1", 5), ("fc2", 5)]  # N rows each, not N*E
+    experts(x, DispatchPlan.from_routing(index, keep, E), weight)
+    assert seen == [("fc1", 5), ("fc2", 5)]  # N rows each, not one per assignment
 
 
 def test_lora_dropout_touches_only_the_deltas():
@@ -226,6 +266,22 @@ def test_lora_dropout_touches_only_the_deltas():
     y_eval = experts.eval()(x, plan, weight)
     torch.testing.assert_close(y_eval, naive_moe(experts, x, index, weight, None))
     assert not torch.allclose(experts.train()(x, plan, weight), y_eval)
+    # The fc2 delta's input is the activation after activation dropout, per token.
+    experts = make_experts(activation_dropout=0.5).train()
+    torch.manual_seed(3)
+    y = experts(x, plan, weight)
+    torch.manual_seed(3)
+    h = experts.fc1(x)  # N x F; lora_dropout = 0 draws no mask
+    s = experts.scaling
+    for e in range(E):
+        delta = x @ experts.lora_a1[e].t() @ experts.lora_b1[e].t()
+        h = h + s * weight[:, e : e + 1] * delta
+    a = F.dropout(experts.activation_fn(h), p=0.5, training=True)
+    expected = experts.fc2(a)
+    for e in range(E):
+        delta = a @ experts.lora_a2[e].t() @ experts.lora_b2[e].t()
+        expected = expected + s * weight[:, e : e + 1] * delta
+    torch.testing.assert_close(y, expected)
 
 
 def test_autocast_casts_once_and_matches():
@@ -284,6 +340,25 @@ def test_moe_layer_with_padding_matches_naive(k, factor, routing_mode):
         assert not keep.all()  # capacity drops assignments
     if routing_mode == "dense":
         assert record.dense and gate_out.expert_index.shape[1] == E
+
+
+@pytest.mark.parametrize("k, normalize", [(1, False), (1, True), (2, False)])
+def test_moe_layer_with_zero_b_is_the_frozen_ffn(k, normalize):
+    """An upcycled layer (B = 0) computes the frozen FFN at every real token, also with top-1
+    unnormalised (combine weight = the router probability) and capacity drops; padding stays 0."""
+    torch.manual_seed(0)
+    gate = TopKGate(C, E, k=k, normalize_top_k=normalize, capacity_factor=0.5)
+    layer = MoELayer(gate, LoRAExperts(E, C, FF, rank=R, alpha=5.0), name="enc").double()
+    mask = torch.arange(5)[:, None] >= torch.tensor([5, 2, 4])[None, :]  # T x B
+    x = torch.randn(5, 3, C, dtype=torch.float64)
+    y, _ = layer(x, padding_mask=mask)
+    x_real = x[~mask]
+    gate_out = layer.gate(x_real)
+    assert not gate_out.keep.all()  # some tokens lose choices, some all of them
+    if not normalize:
+        assert gate_out.expert_weight[gate_out.keep].max() < 1
+    torch.testing.assert_close(y[~mask], frozen_ffn(layer.experts, x_real))
+    assert not y[mask].any()
 
 
 def test_state_dict_layout():

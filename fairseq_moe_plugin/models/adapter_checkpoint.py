@@ -57,7 +57,7 @@ def trim_state_dict(model: nn.Module, state: dict) -> dict:
     new = set(getattr(getattr(model, "args", None), "moe_base_new", None) or [])
     frozen = {
         name
-        for name, p in model.named_parameters()
+        for name, p in model.named_parameters(remove_duplicate=False)  # tied: every name
         if not p.requires_grad and name not in new and not name.startswith("classification_heads.")
     }
     kept = {name: value for name, value in state.items() if name not in frozen}

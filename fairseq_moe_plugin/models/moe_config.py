@@ -180,9 +180,11 @@ class MoEConfig(FairseqDataclass):
     moe_expert_type: EXPERT_TYPE_CHOICES = field(
         default="ffn",
         metadata={
-            "help": "ffn (default): each expert is a full FFN; lora: each expert is the layer's "
-            "frozen dense FFN plus its own low-rank deltas on fc1 and fc2 (DyLoRA-MoE); the "
-            "frozen FFN is computed once per token"
+            "help": "ffn (default): each expert is a full FFN; lora: each expert is its own "
+            "low-rank deltas on fc1 and fc2 of the layer's frozen dense FFN (DyLoRA-MoE), mixed "
+            "at each linear layer by the router weights (MoLoRA): the frozen FFN runs once per "
+            "token with weight 1, so with top-1 or dense routing the model starts as the dense "
+            "one"
         },
     )
     moe_lora_rank: int = field(
@@ -313,7 +315,12 @@ def validate_moe_args(args: Namespace) -> None:
     _validate_adapters(args, fail)
     if args.moe_upcycle_noise < 0:
         fail(f"--moe-upcycle-noise must be >= 0, got {args.moe_upcycle_noise}")
-    if args.moe_init_from_dense and not args.moe_normalize_top_k:
+    starts_exact = (
+        str(args.moe_expert_placement) == "parallel"
+        or str(args.moe_expert_type) == "lora"
+        or str(args.moe_routing) == "dense"
+    )  # the experts add nothing at first, or the combine weights sum to 1
+    if args.moe_init_from_dense and not args.moe_normalize_top_k and not starts_exact:
         logger.warning(
             "--moe-init-from-dense without --moe-normalize-top-k: the experts' outputs are "
             "weighted by raw router probabilities (about 1/E at first), so the upcycled model "

@@ -1,23 +1,37 @@
 """E LoRA experts sharing one frozen feed-forward network (``--moe-expert-type lora``).
 
-Each expert is the frozen dense FFN of the layer plus its own low-rank deltas on fc1 and fc2, as
-in DyLoRA-MoE (Liu et al. 2024, "Dynamic LoRA-based Mixture of Experts"), which puts LoRA
-adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3:
-``h = W0 x + dW x = W0 x + B A x``, scaled by ``alpha / r`` as in their Sec. 4.1) in the place of
-experts. With ``s = alpha / r`` and dropout on the LoRA input as PEFT applies it, expert e is::
+The experts are low-rank adapters of the layer's frozen dense FFN, mixed at each linear layer as
+in MoLoRA (Zadouri et al. 2023, "Pushing Mixture of Experts to the Limit: Extremely Parameter
+Efficient MoE for Instruction Tuning", Sec. 3; the form LoRA-MoE / DyLoRA-MoE style adapters
+use). Each adapter is LoRA's (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+Models", eq. 3: ``h = W0 x + dW x = W0 x + B A x``, scaled by ``alpha / r`` as in their
+Sec. 4.1). With ``s = alpha / r``, ``drop`` the LoRA dropout (on the delta's input, as PEFT
+applies it) and token t's kept choices j (expert e_j, combine weight w_j)::
 
-    h_e = fc1(x) + s * B1_e A1_e drop(x)       # d_ff
-    a_e = act(h_e)                             # then fairseq's activation dropout
-    y_e = fc2(a_e) + s * B2_e A2_e drop(a_e)   # d_model
+    h_t = fc1(x_t) + s * sum_j w_j * B1_{e_j} A1_{e_j} drop(x_t)    # d_ff
+    a_t = act(h_t)                                                 # then activation dropout
+    y_t = fc2(a_t) + s * sum_j w_j * B2_{e_j} A2_{e_j} drop(a_t)    # d_model
 
-and a token's output is ``y = sum_j w_j y_{e_j}`` over its kept choices (zero with none).
+The frozen FFN (fc1, the activation and fc2) is the layer's base and runs once per token with
+weight 1, whatever the router weights; the experts only adapt it. A token with no kept choice
+(all dropped by capacity) therefore gets the plain frozen FFN, not zero.
 
-What this adds over running E PEFT-wrapped FFNs: the shared base is computed once per token,
-not once per (token, expert) assignment. ``fc1(x)`` is taken for the N tokens and gathered to
-the M assignments; fc2 is linear and shared, so it is applied once per token to the combined
-activations, ``fc2.weight @ sum_j w_j a_j + (sum_j w_j) fc2.bias``. Only the low-rank deltas are
-computed per expert, as grouped matmuls over the expert-contiguous slices of a ``DispatchPlan``
-(the tokens routed to each expert).
+Why mix at each linear layer rather than mix E whole "FFN + deltas" experts
+(``y = sum_j w_j FFN_{e_j}(x)``): there the frozen FFN's output is scaled by the sum of the
+kept weights, so an upcycled model starts from the pretrained one only if the weights are
+normalised to 1, e.g. top-1 without normalisation scales the FFN by the router probability
+(~1/E), while top-1 with normalisation (w = 1) gives the router no task gradient. Here, with
+every B zero (a fresh or upcycled layer), the output is exactly the frozen FFN for any routing
+weights (unnormalised top-1 included), and once B != 0 the router gets its task gradient
+through the w_j of the deltas (unless the weights are constant, as normalised top-1's are).
+
+What this adds over E PEFT-wrapped FFNs: the shared base is computed once per token (fc1, the
+activation and fc2 on N rows, not on the M (token, expert) assignments), and only the low-rank
+deltas are per assignment: grouped rank-r matmuls over the expert-contiguous slices of a
+``DispatchPlan`` (the tokens routed to each expert), combined per token with the router weights
+(``grouped_ffn._combine``, dropped choices adding nothing). Matmul FLOPs:
+``4 N C F + 4 M r (C + F)``. Each assignment draws its own LoRA dropout mask (each expert's
+adapter has its own dropout, as in PEFT); activation dropout is drawn once per token.
 
 Parameters (state-dict names under ``P.experts.``), ``C`` = d_model, ``F`` = d_ff, ``r`` = rank:
 
@@ -26,7 +40,7 @@ Parameters (state-dict names under ``P.experts.``), ``C`` = d_model, ``F`` = d_f
   (upcycling, ``--moe-init-from-dense``); the init here is only ``nn.Linear``'s.
 - ``lora_a1`` E x r x C, ``lora_b1`` E x F x r, ``lora_a2`` E x r x F, ``lora_b2`` E x C x r: the
   trainable deltas, A kaiming-uniform (``a=sqrt(5)``, PEFT's init: U(+-1/sqrt(fan_in))), B zero,
-  so that a fresh expert is exactly the frozen FFN.
+  so that a fresh layer is exactly the frozen FFN.
 
 Expert parallelism is not supported: every rank holds all E experts (``expert_parallel`` is
 None). Plain arguments; no fairseq needed.
@@ -42,7 +56,7 @@ import torch.nn.functional as F
 
 from .experts import expert_generators, get_activation_fn
 from .gate import check_routing_options
-from .grouped_ffn import DispatchPlan, _combine, cast_once, check_plan
+from .grouped_ffn import DispatchPlan, _combine, _expert_slices, cast_once, check_plan
 
 _LORA = ("lora_a1", "lora_b1", "lora_a2", "lora_b2")
 
@@ -58,7 +72,8 @@ def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
 
 
 class LoRAExperts(nn.Module):
-    """E experts = one frozen FFN + per-expert low-rank deltas on fc1 and fc2 (module doc).
+    """E low-rank experts adapting one frozen FFN at fc1 and fc2, mixed per linear layer
+    (module doc).
 
     Args:
         num_experts: E.
@@ -141,7 +156,9 @@ class LoRAExperts(nn.Module):
         return F.dropout(x, p=self.lora_dropout, training=self.training)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` on x, the plain formula: M x d_model -> M x d_model."""
+        """The frozen FFN with expert ``e``'s deltas at weight 1 (what ``forward`` computes for a
+        token routed to e alone with combine weight 1, e.g. normalised top-1), the plain
+        formula: M x d_model -> M x d_model."""
         s = self.scaling
         h = self.fc1(x) + s * self._drop(x) @ self.lora_a1[e].t() @ self.lora_b1[e].t()  # M x F
         a = F.dropout(self.activation_fn(h), p=self.activation_dropout, training=self.training)
@@ -150,7 +167,8 @@ class LoRAExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, plan: DispatchPlan, weight: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The experts over the assignments of ``plan``, combined per token.
+        """The frozen FFN on every token, adapted at fc1 and fc2 by the deltas of its kept
+        choices in ``plan``, weighted (module doc).
 
         Args:
             x: N x d_model tokens.
@@ -158,9 +176,10 @@ class LoRAExperts(nn.Module):
             weight: N x k combine weights; None means 1. Dropped choices add nothing, whatever
                 their weight.
         Returns:
-            N x d_model: row t is ``sum_j weight[t, j] * expert_{e_j}(x[t])`` over t's kept
-            choices (zero for a token with none), in the compute dtype (the autocast dtype under
-            autocast, else the weights').
+            N x d_model: row t is ``fc2(a_t) + s * sum_j weight[t, j] * B2_e A2_e drop(a_t)``
+            with ``a_t = act(fc1(x_t) + s * sum_j weight[t, j] * B1_e A1_e drop(x_t))``, e the
+            expert of t's kept choice j (the plain frozen FFN for a token with none), in the
+            compute dtype (the autocast dtype under autocast, else the weights').
         """
         check_plan(plan, x, weight, self.num_experts)
         names = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", *_LORA)
@@ -176,52 +195,39 @@ class LoRAExperts(nn.Module):
         weight: torch.Tensor | None,  # N x k
         params: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        rows = plan.num_rows  # M
-        kept = plan.combine_index < rows  # N x k, False where dropped
-        base = F.linear(x, params["fc1.weight"], params["fc1.bias"])  # N x F, once per token
-        x_rows = x.index_select(0, plan.token_index)  # M x C
-        base_rows = base.index_select(0, plan.token_index)  # M x F
-        out = self._expert_rows(x_rows, base_rows, plan, params)  # (M+1) x (F+C), last row 0
-        combined = _combine(out, plan.combine_index, weight, inplace=False)  # N x (F+C)
-        acts, delta = combined.split([self.d_ff, self.d_model], dim=1)  # N x F, N x C
-        # sum_j w_j over the kept choices: how many times fc2.bias is added.
-        total = kept.to(x.dtype) if weight is None else weight * kept  # N x k
-        y = F.linear(acts, params["fc2.weight"]) + delta  # N x C
-        y = torch.addcmul(y, total.sum(dim=1, keepdim=True), params["fc2.bias"])  # N x C
-        if rows == 0 and torch.is_grad_enabled():
+        # unbind: one E x ... gradient for the stack, not one per expert slice taken.
+        a1, b1, a2, b2 = (params[n].unbind(0) for n in _LORA)  # E of r x C, F x r, r x F, C x r
+        h = F.linear(x, params["fc1.weight"], params["fc1.bias"])  # N x F, once per token
+        delta1 = self._expert_deltas(x, plan, a1, b1)  # (M+1) x F, last row 0
+        h = h + _combine(delta1, plan.combine_index, weight, inplace=False)  # N x F
+        a = self.activation_fn(h)
+        a = F.dropout(a, p=self.activation_dropout, training=self.training)  # N x F
+        y = F.linear(a, params["fc2.weight"], params["fc2.bias"])  # N x C, once per token
+        delta2 = self._expert_deltas(a, plan, a2, b2)  # (M+1) x C, last row 0
+        y = y + _combine(delta2, plan.combine_index, weight, inplace=False)  # N x C
+        if plan.num_rows == 0 and torch.is_grad_enabled():
             # No expert ran: give the LoRA parameters zero gradients (not None), as
             # StackedExperts does, so that every rank's data-parallel reduction sees them.
             y = y + sum(params[n].sum() for n in _LORA) * 0.0
         return y
 
-    def _expert_rows(
+    def _expert_deltas(
         self,
-        x_rows: torch.Tensor,  # M x C, each assignment's token
-        base_rows: torch.Tensor,  # M x F, fc1(x) of each assignment's token
+        source: torch.Tensor,  # N x D_in, the linear layer's input per token
         plan: DispatchPlan,
-        params: dict[str, torch.Tensor],
+        lora_a: tuple[torch.Tensor, ...],  # E of r x D_in
+        lora_b: tuple[torch.Tensor, ...],  # E of D_out x r
     ) -> torch.Tensor:
-        """Per assignment, its expert's activation a_e and fc2 delta s * B2_e A2_e drop(a_e),
-        side by side: (M+1) x (F+C), expert by expert, and a last zero row (dropped choices)."""
-        s = self.scaling
-        # unbind: one E x ... gradient for the stack, not one per expert slice taken.
-        a1, b1, a2, b2 = (params[n].unbind(0) for n in _LORA)  # E of r x C, F x r, r x F, C x r
-        x_rows = self._drop(x_rows)  # M x C, each assignment its own mask
+        """Per assignment, its expert's unweighted delta ``s * B_e A_e drop(source_t)``:
+        (M+1) x D_out, expert by expert, and a last zero row (dropped choices). Each expert's
+        rows are gathered in turn (no M x D_in copy of the input at once)."""
         pieces = []
-        start = 0
-        for e, count in enumerate(plan.tokens_per_expert):
-            if count == 0:
-                continue
-            end = start + count
-            low = x_rows[start:end] @ a1[e].t()  # count x r
-            h = torch.addmm(base_rows[start:end], low, b1[e].t(), alpha=s)  # count x F
-            a = self.activation_fn(h)
-            a = F.dropout(a, p=self.activation_dropout, training=self.training)  # count x F
-            delta = (self._drop(a) @ a2[e].t()) @ b2[e].t() * s  # count x C
-            pieces.append(torch.cat([a, delta], dim=1))  # count x (F+C)
-            start = end
-        pieces.append(x_rows.new_zeros(1, self.d_ff + self.d_model))  # the dropped choices' row
-        return torch.cat(pieces)  # (M+1) x (F+C)
+        for e, start, end in _expert_slices(plan):
+            rows = source.index_select(0, plan.token_index[start:end])  # count x D_in
+            low = (self._drop(rows) @ lora_a[e].t()) * self.scaling  # count x r, own mask
+            pieces.append(low @ lora_b[e].t())  # count x D_out
+        pieces.append(source.new_zeros(1, lora_b[0].shape[0]))  # the dropped choices' row
+        return torch.cat(pieces)  # (M+1) x D_out
 
     def extra_repr(self) -> str:
         return (
