@@ -73,7 +73,9 @@ def trim_state_dict(model: nn.Module, state: dict) -> dict:
 
 
 def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+    """Bytes of the tensors, a tensor stored under several names (tied embeddings) once."""
+    unique = {t.data_ptr(): t for t in tensors if torch.is_tensor(t)}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def complete_from_base(model: nn.Module, state: dict, args) -> dict:

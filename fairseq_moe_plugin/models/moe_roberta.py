@@ -25,6 +25,7 @@ from fairseq.utils import safe_hasattr
 from ..expert_parallel_training import keep_shards_out_of_ddp
 from ..modules.experts import StackedExperts
 from .adapter_checkpoint import AdapterCheckpointMixin
+from .frozen_base import log_trainable
 from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
 from .moe_encoder_decoder import MoETransformerEncoder
 from .moe_transformer import NumUpdatesMixin
@@ -103,6 +104,7 @@ class MoERobertaModel(AdapterCheckpointMixin, NumUpdatesMixin, RobertaModel):
         if getattr(self.args, "moe_freeze_base", False):
             train = bool(getattr(self.args, "moe_train_heads", False))
             self.classification_heads[name].requires_grad_(train)
+            log_trainable(self, f"frozen base, with classification head {name!r}")
             if not train:
                 logger.warning(
                     f"--moe-freeze-base without --moe-train-heads: classification head {name!r} "
