@@ -122,13 +122,10 @@ def train(run_dir: Path, cmd: list, minutes: float) -> Path:
     """fairseq-train ``cmd`` (its --save-dir is ``run_dir/checkpoints``); skipped when
     ``train.done`` exists, started over when it does not. ``train.done`` records the
     process's wall clock."""
+    finished = adapt_report.fresh_run_dir(run_dir, log)
+    if finished is not None:
+        return finished
     ckpt_dir = run_dir / "checkpoints"
-    if (run_dir / "train.done").exists():
-        return ckpt_dir / "checkpoint_best.pt"
-    if ckpt_dir.exists():
-        log(f"{run_dir.name}: an unfinished training run is there; starting it over")
-        shutil.rmtree(ckpt_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     log(f"{run_dir.name}: training for {minutes:g} min (log: {run_dir / 'train.log'})")
     t0 = time.time()
     recipe.run([recipe.BIN / "fairseq-train", *cmd, "--save-dir", ckpt_dir],
@@ -252,12 +249,7 @@ def main(argv=None) -> int:
     log("6/6 metrics")
     flags = {n: method_args(a, n, base)[0] for n in a.methods}
     metrics = report.collect(a, out, prep, {n: METHODS[n][0] for n in a.methods}, flags)
-    metrics["wall_minutes"] = (time.time() - t0) / 60
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    table = report.table(metrics)
-    (out / "table.md").write_text(table + "\n")
-    print("\n" + table)
-    log(f"done in {metrics['wall_minutes']:.1f} min: {out / 'metrics.json'}, {out / 'table.md'}")
+    adapt_report.write_results(out, metrics, report.table(metrics), t0, log)
     return 0
 
 

@@ -109,13 +109,10 @@ def prepare(a, out: Path) -> tuple[dict, Path]:
 def train(a, run_dir: Path, prep, data_bin, pairs, model_args, lr, warmup, minutes) -> Path:
     """fairseq-train with run.py's hyper-parameters for ``minutes`` of training; skipped when
     ``train.done`` exists, started over (old checkpoints removed) when it does not."""
+    done = report.fresh_run_dir(run_dir, log)
+    if done is not None:
+        return done
     ckpt_dir = run_dir / "checkpoints"
-    if (run_dir / "train.done").exists():
-        return ckpt_dir / "checkpoint_best.pt"
-    if ckpt_dir.exists():
-        log(f"{run_dir.name}: an unfinished training run is there; starting it over")
-        shutil.rmtree(ckpt_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     log(f"{run_dir.name}: training on {','.join(pairs)} for {minutes:g} min, lr {lr:g} "
         f"(log: {run_dir / 'train.log'})")  # fmt: skip
     recipe.run([recipe.BIN / "fairseq-train", data_bin, "--user-dir", recipe.PLUGIN,
@@ -295,12 +292,7 @@ def main(argv=None) -> int:
     except (recipe.StepFailed, ValueError) as err:
         raise SystemExit(str(err)) from None
     metrics = collect(a, out, models)
-    metrics["wall_minutes"] = (time.time() - t0) / 60
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    md = report.table(metrics)
-    (out / "table.md").write_text(md + "\n")
-    print("\n" + md)
-    log(f"done in {metrics['wall_minutes']:.1f} min: {out / 'metrics.json'}, {out / 'table.md'}")
+    report.write_results(out, metrics, report.table(metrics), t0, log)
     return 0
 
 

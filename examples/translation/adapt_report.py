@@ -4,7 +4,10 @@ speed and wall clock, BLEU/chrF per language, forgetting on the pretraining dire
 markdown table of all of them. Plain functions on files; no fairseq needed (torch loads the
 checkpoints)."""
 
+import json
 import re
+import shutil
+import time
 from pathlib import Path
 
 import run as recipe
@@ -134,3 +137,26 @@ def table(metrics: dict) -> str:
                  f"{before:.1f} → {m['bleu'][old]:.1f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_results(out: Path, metrics: dict, table: str, t0: float, log) -> None:
+    """``metrics.json`` (with the run's wall clock since ``t0``) and ``table.md`` in ``out``;
+    prints the table and logs where they are."""
+    metrics["wall_minutes"] = (time.time() - t0) / 60
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    print("\n" + table)
+    log(f"done in {metrics['wall_minutes']:.1f} min: {out / 'metrics.json'}, {out / 'table.md'}")
+
+
+def fresh_run_dir(run_dir: Path, log) -> Path | None:
+    """A training step's resumability: its best checkpoint when ``train.done`` says it finished
+    (nothing to do); else None, after removing the checkpoints an unfinished run left."""
+    ckpt_dir = run_dir / "checkpoints"
+    if (run_dir / "train.done").exists():
+        return ckpt_dir / "checkpoint_best.pt"
+    if ckpt_dir.exists():
+        log(f"{run_dir.name}: an unfinished training run is there; starting it over")
+        shutil.rmtree(ckpt_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return None
