@@ -338,11 +338,12 @@ class TopKGate(nn.Module):
         or probability mass) of one batch. A batch without tokens changes nothing."""
         if self.usage_ema_decay <= 0:
             raise ValueError("update_usage_ema needs a gate built with usage_ema > 0")
+        load = load.to(self.usage_ema.dtype)
         total = load.sum()
-        if float(total) <= 0:
-            return
-        share = (load / total).to(self.usage_ema.dtype)
-        self.usage_ema.mul_(self.usage_ema_decay).add_(share, alpha=1.0 - self.usage_ema_decay)
+        share = load / total.clamp_min(1e-12)
+        updated = self.usage_ema * self.usage_ema_decay + share * (1.0 - self.usage_ema_decay)
+        # No host read of the total (a sync per layer and batch on GPU): keep the EMA on device.
+        self.usage_ema.copy_(torch.where(total > 0, updated, self.usage_ema))
 
     def forward(self, x: torch.Tensor) -> GateOutput:
         """x: N x C non-padding tokens (any dtype). Routing is computed in fp32."""
