@@ -31,7 +31,7 @@ $(STAMP): setup.py requirements/fairseq-runtime.txt Makefile
 	    $(PIP) install --no-deps --no-build-isolation "$(FAIRSEQ_DIST)"; fi
 	@# The plugin with its dependencies (setup.py) and the dev and examples extras; the constraint
 	@# keeps the torch above (none of them pulls torch).
-	$(PIP) install -c $(VENV)/torch-constraint.txt --no-build-isolation -e ".[dev,examples]"
+	$(PIP) install -c $(VENV)/torch-constraint.txt --no-build-isolation -e ".[dev,examples,serve]"
 	@$(PY) -c "import torch, fairseq, fairseq_moe_plugin; print('install: ok, torch', torch.__version__, 'fairseq', fairseq.__version__)"
 	@touch $(STAMP)
 

@@ -30,6 +30,18 @@ setup(
         "dev": ["pytest>=7", "ruff"],
         # examples/translation: build_gettext_corpus.py reads gettext catalogues with polib.
         "examples": ["polib"],
+        # Deployment (README, "Deploying a model"): ONNX export and its runtime, the inference
+        # server and its metrics, and encrypted checkpoints. None of them pulls torch.
+        "serve": [
+            "onnx",
+            "onnxruntime",
+            "onnxscript",
+            "fastapi",
+            "uvicorn",
+            "httpx",
+            "prometheus-client",
+            "cryptography",
+        ],
     },
     entry_points={
         "console_scripts": [
@@ -43,6 +55,11 @@ setup(
             "fairseq-moe-benchmark-logging = fairseq_moe_cli.benchmark_logging:main",
             "fairseq-moe-flags = fairseq_moe_cli.flags_table:main",
             "fairseq-moe-grow-experts = fairseq_moe_cli.grow_experts:main",
+            "fairseq-moe-quantize = fairseq_moe_cli.quantize:main",
+            "fairseq-moe-export-onnx = fairseq_moe_cli.export_onnx:main",
+            "fairseq-moe-serve = fairseq_moe_cli.serve:main",
+            "fairseq-moe-benchmark-serve = fairseq_moe_cli.benchmark_serve:main",
+            "fairseq-moe-benchmark-quantize = fairseq_moe_cli.benchmark_quantize:main",
         ]
     },
 )

@@ -13,7 +13,13 @@ from fairseq.utils import get_available_activation_fns
 
 from ..modules.expert_compute import IMPLS
 from ..modules.expert_parallel import expert_parallel_groups
-from ..modules.gate import BALANCE_LOSSES, ROUTINGS, check_router_options, check_routing_options
+from ..modules.gate import (
+    BALANCE_LOSSES,
+    ROUTINGS,
+    check_fallback_expert,
+    check_router_options,
+    check_routing_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +29,8 @@ EXPERT_IMPL_CHOICES = ChoiceEnum(list(IMPLS))
 ROUTING_CHOICES = ChoiceEnum(list(ROUTINGS))
 BALANCE_LOSS_CHOICES = ChoiceEnum(list(BALANCE_LOSSES))
 PLACEMENT_CHOICES = ChoiceEnum(["replace", "parallel"])
+INT8_MODES = ("off", "dynamic", "weight_only")
+INT8_CHOICES = ChoiceEnum(list(INT8_MODES))
 EXPERT_TYPE_CHOICES = ChoiceEnum(["ffn", "lora"])
 
 
@@ -168,6 +176,25 @@ class MoEConfig(FairseqDataclass):
             "moe_<layer>_ema_e<i> and saved in checkpoints; 0 = off"
         },
     )
+    moe_fallback_expert: int = field(
+        default=0,
+        metadata={
+            "help": "at inference (eval mode), a token whose router logits are NaN or inf goes to "
+            "this expert alone, with weight 1, and is counted (fairseq-moe-serve's metrics), so "
+            "that one bad input or a corrupted router cannot break the rest of a batch; -1 = off. "
+            "Training never falls back"
+        },
+    )
+    moe_int8: INT8_CHOICES = field(
+        default="off",
+        metadata={
+            "help": "int8 inference weights, set by fairseq-moe-quantize (not a training option): "
+            "dynamic = stacked experts int8 per expert and output channel and every other linear "
+            "layer but the routers and heads by torch dynamic quantisation (int8 matmuls, "
+            "activations quantised on the fly); weight_only = the same int8 weights, experts "
+            "computed in fp32 from them; off = fp32. CPU inference only"
+        },
+    )
     moe_expert_placement: PLACEMENT_CHOICES = field(
         default="replace",
         metadata={
@@ -311,8 +338,13 @@ def validate_moe_args(args: Namespace) -> None:
         )
     except ValueError as err:
         fail(str(err))
+    try:
+        check_fallback_expert(args.moe_fallback_expert, args.moe_expert_count)
+    except ValueError as err:
+        fail(str(err))
     _validate_expert_parallel(args, fail)
     _validate_adapters(args, fail)
+    _validate_int8(args, fail)
     if args.moe_upcycle_noise < 0:
         fail(f"--moe-upcycle-noise must be >= 0, got {args.moe_upcycle_noise}")
     starts_exact = (
@@ -381,6 +413,21 @@ def _validate_adapters(args: Namespace, fail) -> None:
 
 # fairseq DDP backends that leave the expert shards (``p.expert``) out of their all-reduce.
 EXPERT_PARALLEL_DDP_BACKENDS = ("c10d", "pytorch_ddp", "legacy_ddp", "no_c10d")
+
+
+def _validate_int8(args: Namespace, fail) -> None:
+    """int8 models are built by fairseq-moe-quantize for CPU inference: no training options."""
+    mode = str(args.moe_int8)
+    if mode == "off":
+        return
+    if str(args.moe_expert_type) == "lora":
+        fail(f"--moe-int8 {mode} supports FFN experts only, not --moe-expert-type lora")
+    if args.moe_expert_parallel_size > 1:
+        fail(f"--moe-int8 {mode} runs on one process: --moe-expert-parallel-size must be 1")
+    if args.moe_freeze_base or args.moe_save_trainable_only:
+        fail(
+            f"--moe-int8 {mode} is for inference: not with --moe-freeze-base/--moe-save-trainable-only"
+        )
 
 
 def _validate_expert_parallel(args: Namespace, fail) -> None:

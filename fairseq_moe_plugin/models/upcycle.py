@@ -191,9 +191,15 @@ def maybe_upcycle(model: torch.nn.Module, args) -> None:
 
 def prepare_moe_model(model: torch.nn.Module, args) -> None:
     """What both MoE models do once built: upcycle (``--moe-init-from-dense``), then freeze the
-    base (``--moe-freeze-base``)."""
+    base (``--moe-freeze-base``); an int8 checkpoint's model (``--moe-int8``, written by
+    fairseq-moe-quantize) takes its int8 form, into which its state dict then loads."""
     maybe_upcycle(model, args)
     if getattr(args, "moe_freeze_base", False):
         from .frozen_base import freeze_base
 
         freeze_base(model, train_heads=bool(getattr(args, "moe_train_heads", False)))
+    int8 = str(getattr(args, "moe_int8", "off") or "off")
+    if int8 != "off":
+        from .quantize import quantize_model_
+
+        quantize_model_(model, compute=int8)

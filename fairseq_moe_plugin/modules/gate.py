@@ -157,6 +157,38 @@ def check_router_options(
         raise ValueError(f"--moe-usage-ema must be in [0, 1) (0 = off), got {usage_ema}")
 
 
+def check_fallback_expert(fallback_expert: int, num_experts: int) -> None:
+    """ValueError naming the flag unless -1 (off) or an expert id."""
+    if not -1 <= fallback_expert < num_experts:
+        raise ValueError(
+            f"--moe-fallback-expert must be -1 (off) or an expert id in [0, {num_experts}), "
+            f"got {fallback_expert}"
+        )
+
+
+# The logit the other experts get for a token that falls back: exp(-1e4) is 0 in fp32, so the
+# fallback expert's probability is exactly 1 and every other expert's exactly 0.
+FALLBACK_OTHER_LOGIT = -1.0e4
+
+
+def fallback_nonfinite(
+    logits: torch.Tensor, fallback_expert: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the logits of every token that has a NaN or inf logit by a one-hot choice of
+    ``fallback_expert`` (0 there, ``FALLBACK_OTHER_LOGIT`` elsewhere).
+
+    Args:
+        logits: N x E router logits (fp32).
+    Returns:
+        the N x E logits, finite everywhere, and a 0-dim long tensor: how many tokens fell back.
+        No host sync: the replacement is a ``where`` over all tokens.
+    """
+    bad = ~torch.isfinite(logits).all(dim=-1, keepdim=True)  # N x 1
+    onehot = torch.full_like(logits[:1], FALLBACK_OTHER_LOGIT)  # 1 x E
+    onehot[0, fallback_expert] = 0.0
+    return torch.where(bad, onehot, logits), bad.sum()
+
+
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
     """``ceil(capacity_factor * k * num_tokens / num_experts)``, or ``num_tokens`` (every
     assignment fits) when ``capacity_factor <= 0`` (dropless)."""
@@ -238,6 +270,9 @@ class GateOutput(RouterLosses):
     capacity: int  # per-expert capacity used (N when dropless)
     balance_type: str = "switch"  # which balance loss ``balance_loss`` computes
     dense: bool = False  # dense routing: k = E, every expert weighted by its probability
+    # 0-dim long: tokens whose router logits were not finite and went to the fallback expert
+    # (eval only, ``fallback_expert >= 0``); None when no fallback is applied.
+    fallback_tokens: torch.Tensor | None = None
 
     @property
     def all_kept(self) -> bool:
@@ -278,6 +313,11 @@ class TopKGate(nn.Module):
         usage_ema: decay of an exponential moving average of each expert's load share, kept in
             the buffer ``usage_ema`` (saved in checkpoints) and updated with
             ``update_usage_ema`` (the MoE criteria do, once per training batch); 0 = off.
+        fallback_expert: in eval mode, a token whose router logits are not all finite (NaN or
+            inf: a corrupted router, or an input that overflows it) is routed to this expert
+            alone, with weight 1, and counted in ``fallback_tokens``, so that one bad token
+            cannot poison the routing of the rest of its batch; -1 turns this off. Training
+            never falls back: there a non-finite router must surface (the criteria check it).
     """
 
     def __init__(
@@ -295,10 +335,13 @@ class TopKGate(nn.Module):
         router_bias: bool = False,
         balance_loss: str = "switch",
         usage_ema: float = 0.0,
+        fallback_expert: int = 0,
     ):
         super().__init__()
         check_routing_options(num_experts, k, jitter_eps)
         check_router_options(routing, dense_until, temperature, balance_loss, usage_ema)
+        check_fallback_expert(fallback_expert, num_experts)
+        self.fallback_expert = fallback_expert
         self.num_experts = num_experts
         self.k = k
         self.normalize_top_k = normalize_top_k
@@ -357,9 +400,12 @@ class TopKGate(nn.Module):
             logits = F.linear(x, self.wg.weight.float(), bias)  # N x E
             if self.temperature != 1.0:
                 logits = logits / self.temperature
+            fallback_tokens = None
+            if not self.training and self.fallback_expert >= 0:
+                logits, fallback_tokens = fallback_nonfinite(logits, self.fallback_expert)
             probs = torch.softmax(logits, dim=-1)  # N x E
             if self.routes_densely:
-                return self._dense(logits, probs)
+                return self._dense(logits, probs, fallback_tokens)
             top_prob, top_index = torch.topk(probs, self.k, dim=-1)  # N x k, best first
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             capacity = expert_capacity(x.shape[0], self.num_experts, self.k, factor)
@@ -377,9 +423,12 @@ class TopKGate(nn.Module):
                 keep=keep,
                 capacity=capacity,
                 balance_type=self.balance_type,
+                fallback_tokens=fallback_tokens,
             )
 
-    def _dense(self, logits: torch.Tensor, probs: torch.Tensor) -> GateOutput:
+    def _dense(
+        self, logits: torch.Tensor, probs: torch.Tensor, fallback_tokens: torch.Tensor | None
+    ) -> GateOutput:
         """Every token to every expert, weighted by its probability (logits, probs: N x E)."""
         num_tokens = probs.shape[0]
         index = torch.arange(self.num_experts, device=probs.device)
@@ -392,6 +441,7 @@ class TopKGate(nn.Module):
             capacity=num_tokens,
             balance_type=self.balance_type,
             dense=True,
+            fallback_tokens=fallback_tokens,
         )
 
     def extra_repr(self) -> str:
@@ -401,5 +451,5 @@ class TopKGate(nn.Module):
             f"eval_capacity_factor={self.eval_capacity_factor}, jitter_eps={self.jitter_eps}, "
             f"routing={self.routing}, dense_until={self.dense_until}, "
             f"temperature={self.temperature}, balance_loss={self.balance_type}, "
-            f"usage_ema={self.usage_ema_decay}"
+            f"usage_ema={self.usage_ema_decay}, fallback_expert={self.fallback_expert}"
         )

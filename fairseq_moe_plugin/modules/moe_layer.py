@@ -95,6 +95,7 @@ class MoELayer(nn.Module):
             input_shape=tuple(shape[:-1]),
             balance_type=gate_out.balance_type,
             dense=gate_out.dense,
+            fallback_tokens=gate_out.fallback_tokens,
         )
         return y.view(shape), record
 

@@ -56,6 +56,7 @@ def build_moe_layer(
         router_bias=moe_cfg.moe_router_bias,
         balance_loss=str(moe_cfg.moe_balance_loss),
         usage_ema=moe_cfg.moe_usage_ema,
+        fallback_expert=moe_cfg.moe_fallback_expert,
     )
     if str(moe_cfg.moe_expert_type) == "lora":
         experts = LoRAExperts(

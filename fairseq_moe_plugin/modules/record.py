@@ -47,6 +47,9 @@ class MoERecord(RouterLosses):
     input_shape: tuple[int, ...]  # the layer input's leading shape, e.g. (T, B)
     balance_type: str = "switch"  # which balance loss ``balance_loss`` is (gate.BALANCE_LOSSES)
     dense: bool = False  # dense routing: k = E, every expert weighted by its probability
+    # 0-dim long: tokens that went to the fallback expert because their router logits were not
+    # finite (``TopKGate``'s ``fallback_expert``, eval only); None when no fallback was applied.
+    fallback_tokens: torch.Tensor | None = None
 
     @cached_property
     def expert_load(self) -> torch.Tensor:
