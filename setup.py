@@ -37,7 +37,7 @@ setup(
             "onnxruntime",
             "onnxscript",
             "fastapi",
-            "uvicorn",
+            "uvicorn[standard]",  # httptools and uvloop: the fast HTTP parser and event loop
             "httpx",
             "prometheus-client",
             "cryptography",
@@ -57,6 +57,7 @@ setup(
             "fairseq-moe-grow-experts = fairseq_moe_cli.grow_experts:main",
             "fairseq-moe-quantize = fairseq_moe_cli.quantize:main",
             "fairseq-moe-export-onnx = fairseq_moe_cli.export_onnx:main",
+            "fairseq-moe-benchmark-onnx = fairseq_moe_cli.benchmark_onnx:main",
             "fairseq-moe-serve = fairseq_moe_cli.serve:main",
             "fairseq-moe-benchmark-serve = fairseq_moe_cli.benchmark_serve:main",
             "fairseq-moe-benchmark-quantize = fairseq_moe_cli.benchmark_quantize:main",

@@ -20,3 +20,18 @@ def test_every_flag_has_help_and_a_moe_name():
                 continue
             assert f.metadata.get("help"), f"{dc.__name__}.{f.name} has no help"
             assert "moe" in f.name, f"{f.name}: MoE options carry 'moe' in their name"
+
+
+def test_every_console_command_has_a_main_and_a_launcher():
+    """setup.py's console commands import, expose ``main`` and have ``scripts/<name>.py``."""
+    import importlib
+    import re
+
+    setup = (REPO / "setup.py").read_text(encoding="utf-8")
+    entries = re.findall(r'"(fairseq-moe-[\w-]+) = (fairseq_moe_cli\.(\w+)):main"', setup)
+    assert len(entries) >= 10
+    for command, module, name in entries:
+        assert callable(getattr(importlib.import_module(module), "main", None)), command
+        launcher = REPO / "scripts" / f"{name}.py"
+        assert launcher.exists(), f"{command}: no launcher {launcher}"
+        assert f"from {module} import main" in launcher.read_text(encoding="utf-8"), launcher

@@ -24,21 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from fairseq_moe_plugin.analysis.classification import head_labels, predict, scores
+
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "fairseq_moe_plugin"
-
-
-def scores(gold: list[str], pred: list[str], labels: list[str]) -> dict:
-    """Accuracy, macro-F1 over ``labels`` and per-label F1 (scikit-learn)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    per_label = f1_score(gold, pred, labels=labels, average=None, zero_division=0)
-    return {
-        "n": len(gold),
-        "accuracy": float(accuracy_score(gold, pred)),
-        "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
-        "f1_per_label": {label: float(f) for label, f in zip(labels, per_label, strict=True)},
-    }
 
 
 def load(ckpt: Path, data: Path, base: Path | None):
@@ -56,42 +45,11 @@ def load(ckpt: Path, data: Path, base: Path | None):
     return models[0].eval(), task, head
 
 
-def predict(model, task, head: str, split: str, batch_size: int) -> tuple[list[str], list[str]]:
-    """(gold labels, predicted labels) of every sentence of ``split``, in dataset order."""
-    import torch
-    from fairseq import utils
-
-    task.load_dataset(split)
-    dataset = task.dataset(split)
-    itr = task.get_batch_iterator(
-        dataset=dataset,
-        max_sentences=batch_size,
-        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
-        ignore_invalid_inputs=False,
-    ).next_epoch_itr(shuffle=False)
-    labels = task.label_dictionary
-    gold, pred = {}, {}
-    with torch.no_grad():
-        for sample in itr:
-            logits, _ = model(**sample["net_input"], features_only=True,
-                              classification_head_name=head)  # fmt: skip  # B x classes
-            target = model.get_targets(sample, [logits]).view(-1)  # B
-            for i, t, p in zip(sample["id"].tolist(), target.tolist(),
-                               logits.argmax(dim=-1).tolist(), strict=True):  # fmt: skip
-                gold[i] = labels[t + labels.nspecial]
-                pred[i] = labels[p + labels.nspecial]
-    order = sorted(gold)
-    return [gold[i] for i in order], [pred[i] for i in order]
-
-
 def evaluate_checkpoint(ckpt: Path, data: Path, base, split: str, batch_size: int) -> dict:
     t0 = time.time()
     model, task, head = load(ckpt, data, base)
     gold, pred = predict(model, task, head, split, batch_size)
-    # the head's classes: the label dictionary's first num_classes symbols after the specials
-    # (fairseq pads it with "madeupword"s and the task adds "<mask>")
-    d, n = task.label_dictionary, task.cfg.num_classes
-    labels = sorted(d[d.nspecial + i] for i in range(n))
+    labels = head_labels(task)
     return {"checkpoint": str(ckpt), "split": split, **scores(gold, pred, labels),
             "eval_seconds": time.time() - t0}  # fmt: skip
 
