@@ -101,7 +101,8 @@ def test_classification_report_every_checkpoint(classifier, tmp_path):
     rows = report["checkpoints"]
     assert [rows[m]["int8"] for m in MODES] == list(MODES)
     assert rows["dynamic"]["size_mib"] < 0.8 * rows["off"]["size_mib"]
-    assert rows["weight_only"]["size_mib"] == pytest.approx(rows["dynamic"]["size_mib"])
+    # the same int8 tensors: only the saved mode's name differs
+    assert rows["weight_only"]["size_mib"] == pytest.approx(rows["dynamic"]["size_mib"], abs=1e-3)
     # the fp32 accuracy is the head's arg-max against the gold labels, sentence by sentence
     from fairseq_moe_plugin.checkpoint_io import load_model_ensemble_and_task
 

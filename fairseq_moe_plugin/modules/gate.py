@@ -241,8 +241,14 @@ class RouterLosses:
 
     @cached_property
     def logits_finite(self) -> torch.Tensor:
-        """Scalar bool: no logit is NaN or inf (checked by the criterion)."""
-        return torch.isfinite(self.logits.detach()).all()
+        """Scalar bool: no logit is NaN or inf (checked by the criterion), counting the tokens
+        whose non-finite logits the fallback expert replaced (eval mode: validation must still
+        see a broken router)."""
+        finite = torch.isfinite(self.logits.detach()).all()
+        fallback = getattr(self, "fallback_tokens", None)
+        if fallback is not None:
+            finite = finite & (fallback == 0)
+        return finite
 
     @cached_property
     def balance_loss(self) -> torch.Tensor:
