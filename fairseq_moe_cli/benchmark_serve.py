@@ -104,18 +104,24 @@ def proc_status_mib(pid: int, field: str) -> float | None:
 
 
 class ServerProcess:
-    """``fairseq-moe-serve`` in a subprocess; log in ``log``."""
+    """``fairseq-moe-serve`` (the command ``cmd``) in a subprocess, logging to ``log``; returns
+    once its /healthz answers (RuntimeError with the log's end if it exits or times out). The
+    tests' server fixture uses it too."""
 
-    def __init__(self, cmd: list[str], port: int, log: Path, timeout: float):
+    def __init__(self, cmd: list[str], port: int, log: Path, timeout: float, env=None):
         import httpx
 
+        self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log)
         self.log = open(log, "w")
         start = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}: see {log}")
+                raise RuntimeError(
+                    f"the server exited with {self.proc.returncode} ({log}):\n{self.output(4000)}"
+                )
             try:
                 if httpx.get(self.url + "/healthz", timeout=2.0).status_code == 200:
                     break
@@ -123,15 +129,25 @@ class ServerProcess:
                 pass
             if time.monotonic() - start > timeout:
                 self.stop()
-                raise RuntimeError(f"the server did not answer /healthz in {timeout} s: see {log}")
-            time.sleep(0.25)
+                raise RuntimeError(
+                    f"the server did not answer /healthz in {timeout} s ({log}):\n{self.output(4000)}"
+                )
+            time.sleep(0.2)
         self.startup_seconds = time.monotonic() - start
 
-    def stop(self) -> int:
+    def output(self, tail: int | None = None) -> str:
+        """The server's log so far (its last ``tail`` characters, if given)."""
+        if not self.log.closed:
+            self.log.flush()
+        text = self.log_path.read_text()
+        return text if tail is None else text[-tail:]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (graceful shutdown), kill after ``timeout`` s; the exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -6,15 +6,13 @@ hundred synthetic lines.
 """
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from conftest import PLUGIN_DIR, build_model_and_task, save_trainer_style_checkpoint
+
+from fairseq_moe_cli.benchmark_serve import ServerProcess, free_port
 
 KEY = "k-123"  # the translation server's API key in tests/test_serve.py
 
@@ -174,55 +172,19 @@ def in_process_app(checkpoint, spm, **options):
     return create_app(engine, ServeSettings(max_wait_ms=1))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``fairseq-moe-serve`` in a subprocess on a free port; ``url`` once /healthz answers."""
+class Server(ServerProcess):
+    """``fairseq-moe-serve`` in a subprocess on a free port (the benchmark's ``ServerProcess``);
+    ``url`` once /healthz answers."""
 
     def __init__(self, checkpoint, *flags, log: Path, timeout: float = 120.0):
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
+        port = free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "fairseq_moe_cli.serve", str(checkpoint),
-               "--port", str(self.port), "--threads", "1", *map(str, flags)]  # fmt: skip
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not start in {timeout} s:\n{self.output()}")
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return self.log_path.read_text()
+               "--port", str(port), "--threads", "1", *map(str, flags)]  # fmt: skip
+        super().__init__(cmd, port, log, timeout, env=env)
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 def metric(text: str, name: str, **labels) -> float:
