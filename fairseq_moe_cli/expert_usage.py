@@ -25,6 +25,12 @@ equals full decoding; a test checks it). ``--train-log`` adds plots over updates
 simple text log of ``fairseq-train`` or its ``--tensorboard-logdir``; alone (no checkpoint) it
 draws only those. A figure whose data is missing is skipped, with the reason in the summary and
 on the console.
+
+Expert choice (``--moe-routing expert_choice``) routes a token by the rest of its batch: the
+summary's and the console's notes say so, and its figures hold for the batching used here
+(``--max-tokens``, ``--max-sentences``). Its tokens have 0 to E experts; the summary adds, per
+such layer, the share of tokens no expert took and the experts per token. Shared experts
+(``--moe-shared-experts``) are not routed: a note says they are there.
 """
 
 from __future__ import annotations
@@ -143,6 +149,8 @@ def main(argv=None) -> int:
     print(f"expert_usage: wrote {out}/summary.json; figures: {drawn}")
     for name, reason in sorted(summary["skipped"].items()):
         print(f"expert_usage: no {name}: {reason}")
+    for note in summary.get("notes", []):
+        print(f"expert_usage: note: {note}")
     return 0
 
 

@@ -286,3 +286,84 @@ def test_a_log_without_train_inner_records_skips_the_training_figures(tmp_path):
     assert expert_usage.main(["--train-log", str(path), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["figures"] == {} and summary["skipped"] == skipped
+
+
+# -- expert choice (encoder) with top-k in the decoder, and a shared expert ---------------------
+
+EC = ["--encoder-moe-freq", 1, "--decoder-moe-freq", 1, "--moe-routing", "expert_choice",
+      "--moe-decoder-routing", "topk", "--moe-expert-capacity-factor", 1.5,
+      "--moe-shared-experts", 1, "--moe-shared-expert-gate",
+      "--criterion", "label_smoothed_cross_entropy_moe"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ec_usage(toy_data, tmp_path_factory):
+    torch.manual_seed(1)
+    model, task, cfg = build_model_and_task(tiny_args(toy_data["bin"], *EC))
+    path = tmp_path_factory.mktemp("ec") / "checkpoint.pt"
+    save_trainer_style_checkpoint(model, cfg, path)
+    out = tmp_path_factory.mktemp("ec_out")
+    argv = ["--checkpoint", str(path), "--split", "valid", "--out", str(out),
+            "--max-sentences", "16", "--generate", "--beam", "2", "--max-len-b", "6"]  # fmt: skip
+    return argv, out
+
+
+def test_expert_choice_log_lists_the_experts_that_took_each_token(ec_usage, capsys):
+    """What run.py's routing step runs (beam search) on an expert-choice encoder, top-k decoder
+    and a gated shared expert."""
+    argv, out = ec_usage
+    assert expert_usage.main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    log = ra.load_log(out / "routing.npz")
+    names = log["layer_names"].tolist()
+    kinds = summary["layer_routing"]
+    assert kinds == {n: "expert_choice" if naming.layer_side(n) == "encoder" else "topk"
+                     for n in names}  # fmt: skip
+    E = int(log["num_experts"])
+    assert log["experts"].shape[1] == E  # as wide as an expert-choice token can be
+    for i, name in enumerate(names):
+        rows = log["layer"] == i
+        taken = log["experts"][rows] >= 0  # R x E
+        if kinds[name] == "topk":  # k experts, then the padding
+            assert (taken.sum(axis=1) == int(log["k"])).all() and not taken[:, 2:].any()
+            continue
+        # Each expert takes exactly C = ceil(1.5 * N / E) of the N tokens of each batch.
+        for b in np.unique(log["batch"][rows]):
+            in_b = rows & (log["batch"] == b)
+            counts = np.bincount(log["experts"][in_b][log["experts"][in_b] >= 0], minlength=E)
+            assert counts.tolist() == [math.ceil(1.5 * int(in_b.sum()) / E)] * E, (name, b)
+        per_token = taken.sum(axis=1)
+        stats = summary["expert_choice"][name]
+        assert stats["unchosen_share"] == pytest.approx(float((per_token == 0).mean()))
+        assert stats["experts_per_token"] == pytest.approx(float(per_token.mean()))
+        assert summary["layers"][name]["unchosen_share"] == stats["unchosen_share"]
+        assert summary["layers"][name]["overflow"] == [0] * E  # experts take their capacity
+        # best first: the weights of the taken slots do not increase along a row
+        w = log["weights"][rows]
+        assert (np.diff(np.where(taken, w, -1.0), axis=1) <= 0).all()
+        assert (w[~taken] == 0).all()
+    assert summary["figures"]["expert_choice"]["data"]["labels"] == [
+        n for n in names if kinds[n] == "expert_choice"
+    ]
+    # The notes: expert choice depends on the batch; the shared expert is not routed.
+    batch_note, shared_note = summary["notes"]
+    assert "depends on the batch" in batch_note and "--max-sentences 16" in batch_note
+    assert "ceil(1.5 * N / E)" in batch_note
+    assert "1 shared expert(s)" in shared_note and "sigmoid gate" in shared_note
+    assert f"expert_usage: note: {batch_note}" in printed
+
+
+def test_chosen_experts_of_a_constructed_expert_choice_record():
+    from types import SimpleNamespace
+
+    keep = torch.tensor([[True, False, True], [False, False, False], [True, True, False]])
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4], [0.1, 0.6, 0.3]])
+    record = SimpleNamespace(expert_choice=True, keep=keep, expert_weight=probs * keep,
+                             expert_index=torch.arange(3).expand(3, -1))  # fmt: skip
+    experts, weights = routing_log.chosen_experts(record)
+    assert experts.tolist() == [[2, 0, -1], [-1, -1, -1], [1, 0, -1]]
+    np.testing.assert_allclose(weights, [[0.3, 0.2, 0], [0, 0, 0], [0.6, 0.1, 0]])
+    # The analysis skips the empty slots: counts, and top-1 only for tokens some expert took.
+    log = {"experts": experts, "num_experts": np.array(3)}
+    assert ra.expert_counts(log).tolist() == [2, 1, 1]

@@ -33,11 +33,15 @@ def _build(toy_data, flags):
 LORA = (*MOE, "--moe-expert-type", "lora", "--moe-lora-rank", 4)
 PARALLEL = (*MOE, "--moe-expert-placement", "parallel")
 DENSE_ROUTING = (*MOE, "--moe-routing", "dense", "--moe-balance-loss", "mse")
+SHARED = (*MOE, "--moe-shared-experts", 2, "--moe-shared-expert-gate")
+CMR = (*MOE, "--moe-cmr", "--moe-shared-experts", 1)
+EXPERT_CHOICE = (*MOE, "--moe-routing", "expert_choice", "--moe-decoder-routing", "topk",
+                 "--moe-expert-capacity-factor", 1.5)  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "flags", [DENSE, MOE, LORA, PARALLEL, DENSE_ROUTING],
-    ids=["dense", "moe", "lora", "parallel", "dense_routing"],
+    "flags", [DENSE, MOE, LORA, PARALLEL, DENSE_ROUTING, SHARED, CMR, EXPERT_CHOICE],
+    ids=["dense", "moe", "lora", "parallel", "dense_routing", "shared", "cmr", "expert_choice"],
 )  # fmt: skip
 def test_fvcore_agrees_with_analytic(toy_data, flags):
     model, task, _ = _build(toy_data, flags)
@@ -145,3 +149,37 @@ def test_cli_on_a_checkpoint(toy_data, tmp_path, capsys):
     assert "missing.pt does not exist" in capsys.readouterr().err
     assert main([*argv[:4], "--subset", "nosuchsplit"]) == 2
     assert "nosuchsplit" in capsys.readouterr().err
+
+
+def test_shared_experts_cmr_and_expert_choice_hand_counts(toy_data):
+    """Shared experts: 2 d (N_s d_ff) + d (gate) per non-padding token, active for every token;
+    CMR: the dense FFN and the gate d -> 1 on every position; expert choice: E x ceil(c N / E)
+    assignments, c experts per token in the active parameters. fvcore counts the same."""
+    shape = BatchShape(src_lens=[5, 3], tgt_lens=[7, 7], src_width=5, tgt_width=7)
+    n_src, src_pos = 8, 10
+    shared_model = _build(toy_data, SHARED)[0]
+    shared = analytic_macs(ModelSpec.from_model(shared_model), shape)
+    assert shared["encoder.moe_shared"] == 2 * n_src * (2 * D * 2 * FFN + D)
+    params = parameter_counts(shared_model)
+    per_expert = 2 * D * FFN + FFN + D
+    shared_params = (2 * D * 2 * FFN + 2 * FFN + D) + D  # fc1, fc2 (N_s = 2), gate
+    assert params["moe_layers"][0]["shared_params"] == shared_params
+    assert params["active_per_token"] == params["total"] - 4 * 2 * per_expert  # shared: active
+    cmr = analytic_macs(ModelSpec.from_model(_build(toy_data, CMR)[0]), shape)
+    assert cmr["encoder.ffn"] == 2 * (2 * src_pos * D * FFN)
+    assert cmr["encoder.cmr_gate"] == 2 * src_pos * D
+    assert cmr["encoder.moe_shared"] == 2 * n_src * 2 * D * FFN
+    model, task, _ = _build(toy_data, EXPERT_CHOICE)
+    choice = analytic_macs(ModelSpec.from_model(model), shape)
+    assert choice["encoder.moe_experts"] == 2 * (4 * 3 * 2 * D * FFN)  # C = ceil(1.5 * 8 / 4)
+    assert choice["decoder.moe_experts"] == 2 * (14 * 2 * 2 * D * FFN)  # top-2
+    params = parameter_counts(model)
+    assert [layer["top_k"] for layer in params["moe_layers"]] == [1.5, 1.5, 2, 2]
+    assert params["active_per_token"] == params["total"] - 2 * (4 - 1.5) * per_expert - 2 * (
+        2 * per_expert
+    )
+    sample = toy_batch(task)
+    by_module = fvcore_macs(model, sample).by_module()
+    tokens = int(sample["net_input"]["src_tokens"].ne(model.encoder.padding_idx).sum())
+    capacity = -(-3 * tokens // 8)  # ceil(1.5 * N / 4)
+    assert by_module["model.encoder.layers.0.moe.experts"] == 4 * capacity * 2 * D * FFN

@@ -124,3 +124,72 @@ def test_moe_layers_are_fairseqs_layers_under_fairseqs_layer_options(toy_data, o
                                    encoder_out=encoder_out, incremental_state=state)  # fmt: skip
             steps.append(out)
     torch.testing.assert_close(torch.cat(steps, 1)[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+UPCYCLE_METHODS = {
+    "shared1": ["--moe-shared-experts", 1],
+    "shared2_gate": ["--moe-shared-experts", 2, "--moe-shared-expert-gate"],
+    "cmr_shared": ["--moe-cmr", "--moe-shared-experts", 1],
+    "expert_choice_enc": [
+        "--moe-routing",
+        "expert_choice",
+        "--moe-decoder-routing",
+        "topk",
+        "--moe-expert-capacity-factor",
+        4,
+    ],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("method", sorted(UPCYCLE_METHODS))
+def test_upcycled_model_with_shared_experts_or_cmr_starts_as_the_dense_model(
+    toy_data, dense_checkpoint, method
+):
+    """Routed and shared copies each give half of the dense output (the shared gate starts at
+    zero: 1/2), the CMR gate starts at zero and both its branches are the dense FFN: with top-1
+    and --moe-normalize-top-k the upcycled model computes what the dense one did. Expert choice
+    with c = E: every expert takes every token, weights renormalised to 1."""
+    from fairseq_moe_plugin.models.upcycle import dense_tensor
+
+    path, dense = dense_checkpoint
+    model, task, _ = _upcycled(toy_data, path, "--moe-top-k", 1, "--moe-normalize-top-k",
+                               *UPCYCLE_METHODS[method])  # fmt: skip
+    sample = toy_batch(task, n=8)
+    dense.eval(), model.eval()
+    with torch.no_grad():
+        expected, _ = dense(**sample["net_input"])
+        got, _ = model(**sample["net_input"])
+    real = sample["net_input"]["prev_output_tokens"].ne(task.target_dictionary.pad())
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    # What upcycling wrote is what an adapter-only checkpoint rebuilds from the base, tensor by
+    # tensor (dense_tensor); the new gates start at zero, the balance buffers as built.
+    state = model.state_dict()
+    names, dense_state = set(state), load_dense_state(path)
+    for name, value in state.items():
+        if ".moe.shared." in name or "cmr_gate" in name or ".moe.experts." in name:
+            rebuilt = dense_tensor(dense_state, name, tuple(value.shape), names, "dense")
+            assert torch.equal(rebuilt[0].to(value.dtype), value), name
+    if "shared" in method:
+        layer = model.encoder.layers[0]
+        fc1 = dense.encoder.layers[0].fc1.weight
+        n = layer.moe.shared.num_shared
+        assert torch.equal(layer.moe.shared.fc1.weight, torch.cat([fc1] * n))
+        torch.testing.assert_close(layer.moe.experts.fc2_weight[0],
+                                   dense.encoder.layers[0].fc2.weight / 2)  # fmt: skip
+    if "gate" in method:
+        assert not model.encoder.layers[0].moe.shared.gate.weight.any()
+
+
+def test_shared_expert_copies_get_noise_and_bad_shapes_are_named(toy_data, dense_checkpoint):
+    path, dense = dense_checkpoint
+    model, *_ = _upcycled(toy_data, path, "--moe-shared-experts", 2, "--moe-upcycle-noise", 0.01)
+    shared = model.encoder.layers[0].moe.shared
+    first, second = shared.fc1.weight[:128], shared.fc1.weight[128:]
+    assert not torch.equal(first, second)  # the two copies can diverge
+    spread = (first - dense.encoder.layers[0].fc1.weight).std() / first.std()
+    assert 0.005 < float(spread) < 0.02
+    from fairseq_moe_plugin.models.upcycle import dense_tensor
+
+    name = "encoder.layers.0.moe.shared.fc1.weight"  # 100 rows are no whole number of copies
+    with pytest.raises(ValueError, match=r"fc1.weight has shape \(128, 64\) but .*shared.fc1"):
+        dense_tensor(load_dense_state(path), name, (100, 64), {name}, "dense")

@@ -28,3 +28,28 @@ MODEL_PRESETS = {
 
 # What compare_dense_moe.py trains, in order (the first run prepares the data the others reuse).
 COMPARED = ("moe", "dense_flops", "dense_params")
+
+# What routing_study.py compares: name -> (the preset, the fairseq-train flags added to it). Every
+# MoE variant has the shape and the active FFN width per token of ``moe`` (2 x 1024: two experts
+# of 1024, one of 2048, or a routed and a shared expert of 1024 each; expert choice with capacity
+# factor 2 gives a token 2 experts on average), and ``dense_flops`` matches their FLOPs per token.
+# The first is the baseline the others are compared with.
+ROUTING_VARIANTS = {
+    # top-2 with the Switch balance loss (the criterion's default weight): today's baseline.
+    "top2": ("moe", []),
+    # top-1 (Switch Transformer), experts twice as wide.
+    "top1": ("moe", ["--moe-top-k", "1", "--moe-expert-ffn-dim", "2048"]),
+    # one shared expert + top-1 routed (DeepSeekMoE, Dai et al. 2024).
+    "shared_top1": ("moe", ["--moe-top-k", "1", "--moe-shared-experts", "1"]),
+    # auxiliary-loss-free balancing (Wang et al. 2024), no balance loss.
+    "auxfree_top2": ("moe", ["--moe-bias-balancing-rate", "0.01",
+                             "--moe-balance-loss-weight", "0"]),
+    # expert-output masking (NLLB Team 2022), p = 0.2.
+    "top2_eom": ("moe", ["--moe-eom", "0.2"]),
+    # expert choice (Zhou et al. 2022) in the encoder, top-2 in the decoder (expert choice is
+    # not causal).
+    "ec_enc_top2_dec": ("moe", ["--moe-routing", "expert_choice", "--moe-decoder-routing", "topk",
+                                "--moe-expert-capacity-factor", "2"]),
+    # the dense model with the MoE models' FLOPs per token.
+    "dense_flops": ("dense_flops", []),
+}  # fmt: skip

@@ -15,6 +15,13 @@
    log's loads over updates, in ``results/<run>/usage/``; skipped for a dense model;
 7. ``results/<run>/metrics.json`` and a table on the console.
 
+``--seed`` is fairseq-train's seed; ``--threads N`` gives every step N torch threads
+(``OMP_NUM_THREADS``, and the latency benchmark's ``--bench-threads``); ``--prepare-only`` stops
+after step 2 (a study prepares its data once, then trains its runs with ``--data``);
+``--no-routing-analysis`` skips step 6 (recorded in ``skipped``; the routing metrics of the last
+validation and of the last training record are in ``metrics.json`` anyway: ``expert_load_valid``,
+``expert_load_train``).
+
 Every step writes its log under ``results/<run>/``; a finished step is not redone when the run is
 repeated with the same ``--run`` (delete the folder to start over). Steps 5 and 6 are analyses:
 one that fails or is skipped is recorded, with its reason, in ``metrics.json`` (``failed``,
@@ -146,7 +153,7 @@ def train(a, out: Path, prep: dict, data_bin: Path, model_args: list[str]) -> Pa
              "--clip-norm", "1.0", "--max-tokens", "2048", "--max-update", a.max_update,
              "--stop-time-hours", a.budget_minutes / 60, "--save-dir", ckpt_dir,
              "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "100",
-             "--num-workers", "0", "--seed", "1"], out / "train.log", progress_line)  # fmt: skip
+             "--num-workers", "0", "--seed", a.seed], out / "train.log", progress_line)  # fmt: skip
     return ckpt
 
 
@@ -186,7 +193,8 @@ def time_generation(a, out: Path, prep: dict, data_bin: Path, ckpt: Path) -> dic
          *task_args(prep), "--source-lang", src, "--target-lang", tgt, "--gen-subset", "test",
          "--path", ckpt, "--beam", "5", "--post-process", "sentencepiece",
          "--bench-batch-sizes", "1,32", "--bench-max-sentences", a.bench_sentences,
-         "--bench-json", out / "latency.json"], out / "latency.log")  # fmt: skip
+         "--bench-json", out / "latency.json",
+         *(["--bench-threads", a.threads] if a.threads else [])], out / "latency.log")  # fmt: skip
     return json.loads((out / "latency.json").read_text())
 
 
@@ -227,16 +235,18 @@ def routing_skip_reason(flops: dict | None) -> str | None:
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def training_stats(train_log: Path, budget_minutes: float) -> tuple[dict, dict]:
-    """(the ``train`` entry of metrics.json, the routing metrics of the last validation) from the
-    training log (``training_log.read_training_log``)."""
+def training_stats(train_log: Path, budget_minutes: float) -> tuple[dict, dict, dict]:
+    """(the ``train`` entry of metrics.json, the routing metrics of the last validation, those of
+    the last training record: the last epoch's, else the last ``train_inner``) from the training
+    log (``training_log.read_training_log``)."""
     try:
         records = read_training_log(train_log)
     except ValueError:  # nothing logged yet
         return {"updates": 0, "epochs": 0, "words_per_s": None,
-                "budget_minutes": budget_minutes}, {}  # fmt: skip
+                "budget_minutes": budget_minutes}, {}, {}  # fmt: skip
     epochs = records.train
     last_valid = records.valid[-1] if records.valid else {}
+    last_train = (epochs or records.train_inner or [{}])[-1]
     train = {
         "updates": records.num_updates(),
         "epochs": len(epochs),
@@ -244,13 +254,14 @@ def training_stats(train_log: Path, budget_minutes: float) -> tuple[dict, dict]:
                         if epochs and all("wps" in r for r in epochs) else None),
         "budget_minutes": budget_minutes,
     }  # fmt: skip
-    return train, {k: v for k, v in last_valid.items() if is_routing_metric(k)}
+    routing = {k: v for k, v in last_valid.items() if is_routing_metric(k)}
+    return train, routing, {k: v for k, v in last_train.items() if is_routing_metric(k)}
 
 
 def collect_metrics(a, out: Path, model_args, prep, scores, results: dict, status) -> dict:
     """Step 7's ``metrics.json``: what every step produced, and what was skipped or failed."""
     flops, latency = results["flops"], results["latency"]
-    train, load = training_stats(out / "train.log", a.budget_minutes)
+    train, load, train_routing = training_stats(out / "train.log", a.budget_minutes)
     params = flops and {"params_total": flops["parameters"]["total"],
                         "params_active_per_token": flops["parameters"]["active_per_token"]}  # fmt: skip
     gflops = flops and {
@@ -261,6 +272,8 @@ def collect_metrics(a, out: Path, model_args, prep, scores, results: dict, statu
     return {
         "run": a.run,
         "model": model_args,
+        "seed": a.seed,
+        "threads": a.threads or None,
         "languages": prep["pairs"],
         "bleu": {lang: r["bleu"]["score"] for lang, r in scores["results"].items()},
         "chrf": {lang: r["chrf"]["score"] for lang, r in scores["results"].items()},
@@ -270,6 +283,7 @@ def collect_metrics(a, out: Path, model_args, prep, scores, results: dict, statu
         "generation": latency,
         "train": train,
         "expert_load_valid": load,
+        "expert_load_train": train_routing,
         "routing_analysis": results["routing"],
         "skipped": status["skipped"],
         "failed": status["failed"],
@@ -315,7 +329,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="moe", choices=sorted(MODEL_PRESETS), help="presets.py")
     p.add_argument("--model-args", default="", help="extra fairseq-train flags (quoted)")
     p.add_argument("--bench-sentences", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1, help="fairseq-train's --seed")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of every step (OMP_NUM_THREADS); 0 = torch's default")  # fmt: skip
+    p.add_argument("--prepare-only", action="store_true",
+                   help="stop after the corpus and its binarisation (steps 1-2)")  # fmt: skip
+    p.add_argument("--no-routing-analysis", action="store_true",
+                   help="skip step 6, the routing analysis under beam search")  # fmt: skip
     a = p.parse_args(argv)
+    if a.threads < 0:
+        p.error(f"--threads must be >= 0, got {a.threads}")
     if a.raw is not None and not a.pairs:
         p.error("--raw needs --pairs (e.g. --pairs en-de)")
     return a
@@ -327,8 +350,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model_args = MODEL_PRESETS[a.model] + a.model_args.split()
+    if a.threads:  # every step's subprocesses inherit it (torch reads it when it starts)
+        os.environ.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     try:
         prep, data_bin = prepare(a, out)
+        if a.prepare_only:
+            log(f"prepared {data_bin} (--prepare-only)")
+            return 0
         ckpt = train(a, out, prep, data_bin, model_args)
         scores = translate_and_score(out, prep, data_bin, ckpt)
     except StepFailed as err:  # no results to report without a model and its translations
@@ -342,6 +370,8 @@ def main(argv=None) -> int:
         "routing": None,
     }
     reason = routing_skip_reason(results["flops"])
+    if reason is None and a.no_routing_analysis:
+        reason = "--no-routing-analysis"
     if reason is not None:
         status["skipped"]["routing_analysis"] = reason
         log(f"6/7 routing analysis skipped: {reason}")

@@ -14,19 +14,23 @@ ways:
 - **analytic**: the same matrix products from the layer sizes: per layer q/k/v/out projections
   (4·d² per position, cross-attention keys/values on source positions), attention scores and
   weighted sum (2·d per query-key pair), dense FFN 2·d·d_ff per position, MoE FFN
-  k·2·d·d_ff_expert + d·E (router) per non-padding token, output projection d·V per target
-  position. ``analytic`` follows what the model computes on the padded batch (fairseq computes
-  attention and dense layers on padding positions; MoE layers drop padding before routing) and
-  should equal fvcore; ``analytic_padding_free`` counts each sentence at its own length (the
-  cost without padding).
+  k·2·d·d_ff_expert + d·E (router) per non-padding token (expert choice: E·C assignments in a
+  layer of N tokens, C = ceil(c·N/E) capped at N, instead of k·N), shared experts
+  2·d·(N_s·d_ff_expert) (+ d for their gate) per non-padding token, the CMR dense FFN 2·d·d_ff and
+  gate d per position, output projection d·V per target position. ``analytic`` follows what
+  the model computes on the padded batch (fairseq computes attention and dense layers on padding
+  positions; MoE layers drop padding before routing) and should equal fvcore;
+  ``analytic_padding_free`` counts each sentence at its own length (the cost without padding).
 
 Convention: 1 MAC = one multiply-add (fvcore's "flop"); FLOPs = 2 x MACs. Per-token figures
 divide by the batch's non-padding target tokens (EOS included), also given per non-padding
 source token and per sentence.
 
 Active parameters per token: total - sum over MoE layers of (E - k) x params_per_expert (router
-counted fully; embeddings counted fully; k = E under dense routing; LoRA experts' shared FFN is
-active for every token, their per-expert parameters are the deltas).
+counted fully; embeddings counted fully; k = E under dense routing, k = the expert capacity
+factor c (at most E) under expert choice, the mean number of experts per token; LoRA experts'
+shared FFN is active for every token, their per-expert parameters are the deltas; shared
+experts, their gate, the CMR dense FFN and gate are active for every token).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch.nn as nn
 
 from ..modules.lora_experts import LoRAExperts
 from ..modules.moe_layer import MoELayer
+from ..modules.routing_methods import expert_choice_capacity
 
 CONVENTION = "1 MAC = one multiply-add (fvcore counts a MAC as one flop); FLOPs = 2 x MACs"
 DENOMINATORS = {
@@ -59,6 +64,7 @@ def parameter_counts(model: nn.Module) -> dict:
         num_experts, k = module.num_experts, _active_experts(module)
         per_expert = sum(p[0].numel() for p in _stacked(module.experts))  # stacked along E
         inactive += (num_experts - k) * per_expert
+        shared = module.shared
         layers.append(
             {
                 "layer": name,
@@ -66,14 +72,22 @@ def parameter_counts(model: nn.Module) -> dict:
                 "top_k": k,
                 "params_per_expert": per_expert,
                 "router_params": sum(p.numel() for p in module.gate.parameters()),
+                "shared_params": 0
+                if shared is None
+                else sum(p.numel() for p in shared.parameters()),
             }
         )
     return {"total": total, "active_per_token": total - inactive, "moe_layers": layers}
 
 
-def _active_experts(layer: MoELayer) -> int:
-    """Experts a token goes through: k, or all E under dense routing."""
-    return layer.num_experts if layer.gate.routing == "dense" else layer.gate.k
+def _active_experts(layer: MoELayer) -> float:
+    """Experts a token goes through: k, all E under dense routing, or on average the expert
+    capacity factor c (at most E) under expert choice (E experts x C = c N / E tokens each)."""
+    if layer.gate.routing == "dense":
+        return layer.num_experts
+    if layer.gate.routing == "expert_choice":
+        return min(float(layer.gate.expert_capacity_factor), float(layer.num_experts))
+    return layer.gate.k
 
 
 def _stacked(experts: nn.Module) -> list[nn.Parameter]:
@@ -92,10 +106,14 @@ class LayerSpec:
     cross_attn: tuple[int, int, int] | None  # decoder only
     ffn_dim: int | None = None  # dense FFN
     num_experts: int | None = None  # MoE FFN
-    top_k: int | None = None  # experts per token (E under dense routing)
+    top_k: float | None = None  # experts per token (E under dense routing, c under expert choice)
     expert_ffn_dim: int | None = None
     lora_rank: int | None = None  # LoRA experts: the shared FFN once per token, k deltas
-    parallel_ffn_dim: int | None = None  # --moe-expert-placement parallel: the dense FFN too
+    parallel_ffn_dim: int | None = None  # placement parallel or --moe-cmr: the dense FFN too
+    expert_choice_factor: float | None = None  # expert choice: E x ceil(c N / E) assignments
+    shared_ffn_dim: int | None = None  # shared experts: one FFN of width N_s x d_ff_expert
+    shared_gate: bool = False  # the shared experts' sigmoid gate, d -> 1
+    cmr_gate: bool = False  # --moe-cmr: the CMR gate d -> 1 on every position
 
 
 @dataclass
@@ -122,8 +140,14 @@ class ModelSpec:
                 spec.expert_ffn_dim = lyr.moe.experts.d_ff
                 if isinstance(lyr.moe.experts, LoRAExperts):
                     spec.lora_rank = lyr.moe.experts.rank
-                if getattr(lyr, "parallel_ffn", False):
+                if lyr.moe.gate.routing == "expert_choice":
+                    spec.expert_choice_factor = float(lyr.moe.gate.expert_capacity_factor)
+                if lyr.moe.shared is not None:
+                    spec.shared_ffn_dim = lyr.moe.shared.fc1.out_features
+                    spec.shared_gate = lyr.moe.shared.gated
+                if getattr(lyr, "parallel_ffn", False) or getattr(lyr, "cmr", False):
                     spec.parallel_ffn_dim = lyr.fc1.out_features
+                spec.cmr_gate = bool(getattr(lyr, "cmr", False))
             else:
                 spec.ffn_dim = lyr.fc1.out_features
             return spec
@@ -173,20 +197,30 @@ def _attention_macs(dims: tuple[int, int, int], n_q: int, n_kv: int, pairs: int)
 
 def _ffn_macs(spec: LayerSpec, positions: int, tokens: int) -> dict[str, int]:
     """Dense FFN on every position; MoE router and k experts on every non-padding token (LoRA
-    experts: the shared FFN once per token, ``2 r (d + d_ff)`` per assignment for the deltas);
-    with the parallel placement, the dense FFN on every position too."""
+    experts: the shared FFN once per token, ``2 r (d + d_ff)`` per assignment for the deltas;
+    expert choice: ``E x ceil(c N / E)`` assignments, at most N per expert); shared experts (and
+    their gate) on every non-padding token; with the parallel placement or CMR, the dense FFN on
+    every position too, and the CMR gate."""
     d = spec.d_model
     if spec.num_experts is None:
         return {"ffn": 2 * positions * d * spec.ffn_dim}
     macs = {"moe_router": tokens * d * spec.num_experts}
+    assignments = tokens * spec.top_k
+    if spec.expert_choice_factor is not None:
+        capacity = expert_choice_capacity(tokens, spec.num_experts, spec.expert_choice_factor)
+        assignments = spec.num_experts * capacity
     if spec.lora_rank is None:
-        macs["moe_experts"] = tokens * spec.top_k * 2 * d * spec.expert_ffn_dim
+        macs["moe_experts"] = assignments * 2 * d * spec.expert_ffn_dim
     else:
         macs["moe_experts"] = tokens * 2 * d * spec.expert_ffn_dim + (
-            tokens * spec.top_k * 2 * spec.lora_rank * (d + spec.expert_ffn_dim)
+            assignments * 2 * spec.lora_rank * (d + spec.expert_ffn_dim)
         )
+    if spec.shared_ffn_dim is not None:
+        macs["moe_shared"] = tokens * (2 * d * spec.shared_ffn_dim + (d if spec.shared_gate else 0))
     if spec.parallel_ffn_dim is not None:
         macs["ffn"] = 2 * positions * d * spec.parallel_ffn_dim
+    if spec.cmr_gate:
+        macs["cmr_gate"] = positions * d
     return macs
 
 

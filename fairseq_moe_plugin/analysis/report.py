@@ -3,7 +3,9 @@
 ``analyse`` turns a routing log (``routing_log.py``) into the ``summary.json`` dict, the figures
 and ``specialisation.md``; ``training_figures`` draws the loads, balance loss and entropy over
 updates from a fairseq training log. A figure whose data is missing is not drawn: the summary's
-``skipped`` says which and why.
+``skipped`` says which and why. The summary's ``notes`` say what the figures do not show: that
+expert-choice routing depends on the batch (the figures hold for the batching of the log), and
+that shared experts are not routed.
 """
 
 from __future__ import annotations
@@ -59,7 +61,17 @@ def analyse(log, out: Path, capacity_factor: float, top_tokens: int) -> dict:
         "router entropy (nats), load entropy / log E, Gini of the loads", out,
     )  # fmt: skip
     overflow = ra.capacity_overflow(log, capacity_factor)
-    if capacity_factor > 0:
+    kinds = ra.layer_routing(log)
+    chosen = ra.expert_choice_stats(log)
+    if chosen:
+        figures["expert_choice"] = rp.draw_bars(
+            "expert_choice", list(chosen),
+            {k: [chosen[n][k] for n in chosen] for k in ("unchosen_share", "experts_per_token")},
+            "expert choice: tokens no expert took, experts per token", out,
+        )  # fmt: skip
+    if all(kind == "expert_choice" for kind in kinds):
+        skipped["capacity_overflow"] = "expert choice: every expert takes exactly its capacity"
+    elif capacity_factor > 0:
         figures["capacity_overflow"] = rp.draw_heatmap(
             "capacity_overflow", [overflow[n]["overflow_share"] for n in names], names, experts,
             f"share of each expert's assignments over capacity (factor {capacity_factor:g})",
@@ -84,10 +96,14 @@ def analyse(log, out: Path, capacity_factor: float, top_tokens: int) -> dict:
                 **health[n],
                 **overflow[n],
                 **{k: v for k, v in special[n].items() if k != "top_tokens"},
+                **chosen.get(n, {}),
             }
             for n in names
         },  # fmt: skip
         "capacity_factor": capacity_factor,
+        "layer_routing": dict(zip(names, kinds, strict=True)),
+        "expert_choice": chosen,
+        "notes": ra.notes(log),
         "languages": languages,
         "specialisation": {n: special[n]["top_tokens"] for n in names},
         "figures": figures,

@@ -6,8 +6,13 @@ The log is what ``routing_log.record_split`` builds and ``fairseq-moe-usage`` wr
 - ``layer`` (R, int): index into ``layer_names``; ``sentence``, ``batch``, ``position``,
   ``token`` (R, int); ``lang``, ``pair`` (R, int): indices into ``langs`` and ``pairs``;
 - ``experts`` (R x k, int) best first, ``weights`` (R x k, float), ``entropy`` (R, float, nats);
+  -1 (weight 0) in a slot means no expert: under expert choice a token has as many experts as
+  took it (0 to E; the log is then E wide), and a log mixing such layers with top-k ones pads
+  the top-k rows;
 - metadata: ``layer_names`` (module names, ``naming.py``), ``langs``, ``pairs``, ``vocab`` (str
-  arrays), ``num_experts``, ``k``.
+  arrays), ``num_experts``, ``k``; optional (older logs lack them): per layer ``layer_routing``
+  (``topk``, ``dense``, ``expert_choice``), ``shared_experts`` and ``shared_gated``, and
+  ``max_tokens``, ``max_sentences`` (-1: none), ``expert_capacity_factor``.
 
 Every function returns plain lists/dicts (JSON-ready): these are the data behind the figures and
 the ``summary.json``.
@@ -37,9 +42,69 @@ def load_log(path) -> dict[str, np.ndarray]:
 
 
 def expert_counts(log, rows=None) -> np.ndarray:
-    """Assignments (all k choices) per expert over ``rows`` (a bool mask; default all): E."""
+    """Assignments (all k choices; under expert choice the tokens each expert took) per expert
+    over ``rows`` (a bool mask; default all): E."""
     experts = log["experts"] if rows is None else log["experts"][rows]
+    experts = experts[experts >= 0]  # -1: an empty slot
     return np.bincount(experts.reshape(-1), minlength=int(log["num_experts"])).astype(np.int64)
+
+
+def layer_routing(log) -> list[str]:
+    """Per layer ``topk``, ``dense`` or ``expert_choice`` (``topk`` for a log without it)."""
+    if "layer_routing" in log:
+        return [str(r) for r in log["layer_routing"].tolist()]
+    return ["topk"] * len(log["layer_names"])
+
+
+def expert_choice_stats(log) -> dict[str, dict]:
+    """Per expert-choice layer: the share of tokens no expert took (they pass through the
+    residual alone), the mean number of experts per token, and the share of tokens with
+    0, 1, ..., E experts."""
+    out = {}
+    num_experts = int(log["num_experts"])
+    for i, (name, kind) in enumerate(zip(log["layer_names"].tolist(), layer_routing(log),
+                                         strict=True)):  # fmt: skip
+        if kind != "expert_choice":
+            continue
+        per_token = (log["experts"][log["layer"] == i] >= 0).sum(axis=1)  # experts of each token
+        n = max(len(per_token), 1)
+        out[name] = {
+            "unchosen_share": float((per_token == 0).sum() / n),
+            "experts_per_token": float(per_token.sum() / n),
+            "experts_per_token_shares": (
+                np.bincount(per_token, minlength=num_experts + 1) / n
+            ).tolist(),
+        }
+    return out
+
+
+def notes(log) -> list[str]:
+    """What a reader of the figures must know about this model's routing: expert choice depends
+    on the batch; shared experts are not routed."""
+    out = []
+    kinds = layer_routing(log)
+    names = log["layer_names"].tolist()
+    chosen = [n for n, k in zip(names, kinds, strict=True) if k == "expert_choice"]
+    if chosen:
+        batching = ", ".join(f"--{key.replace('_', '-')} {int(log[key])}" for key in
+                             ("max_tokens", "max_sentences") if int(log.get(key, -1)) >= 0)  # fmt: skip
+        factor = float(log.get("expert_capacity_factor", 0.0))
+        out.append(
+            f"expert-choice routing ({', '.join(chosen)}) depends on the batch: each expert takes "
+            f"the top C = ceil({factor:g} * N / E) of the N tokens of a batch, so which tokens it "
+            f"takes, the unchosen share and the experts per token hold for the batches of this "
+            f"log ({batching or 'the batching it was recorded with'}); another batch size or "
+            "another mix of sentences routes differently, in training and at inference"
+        )
+    shared = log.get("shared_experts")
+    if shared is not None and int(np.max(shared, initial=0)) > 0:
+        gated = bool(np.any(log.get("shared_gated", False)))
+        out.append(
+            f"every token also passes through {int(np.max(shared))} shared expert(s) per MoE layer"
+            f"{' (scaled by a learned sigmoid gate)' if gated else ''}: they are not routed, so no "
+            "load, share or specialisation figure counts them"
+        )
+    return out
 
 
 def shares(counts) -> list[float]:
@@ -89,13 +154,15 @@ def entropy_and_gini(log) -> dict[str, dict]:
 def capacity_overflow(log, capacity_factor: float) -> dict[str, dict]:
     """Per layer and expert: the assignments that exceed ``ceil(factor * k * N / E)`` in each
     batch (N: the layer's tokens in that batch), summed, and as a share of the expert's
-    assignments. factor <= 0 is dropless: no overflow."""
+    assignments. factor <= 0 is dropless: no overflow; an expert-choice layer has none either
+    (each expert takes exactly its capacity)."""
     num_experts, k = int(log["num_experts"]), int(log["k"])
     out = {}
+    kinds = layer_routing(log)
     for i, name in enumerate(log["layer_names"].tolist()):
         rows = log["layer"] == i
         overflow = np.zeros(num_experts, dtype=np.int64)
-        if capacity_factor > 0:
+        if capacity_factor > 0 and kinds[i] != "expert_choice":
             for b in np.unique(log["batch"][rows]):
                 in_batch = rows & (log["batch"] == b)
                 counts = expert_counts(log, in_batch)
@@ -197,7 +264,11 @@ def specialisation(log, top: int = 10, min_count: int = 5) -> dict[str, dict]:
                     rows_e.append({"token": str(vocab[tok]), "count": c, "lift": round(lift, 3)})
             rows_e.sort(key=lambda r: (-r["lift"], -r["count"], r["token"]))
             experts_table[str(e)] = rows_e[:top]
-        out[name] = {"top_tokens": experts_table, **token_identity_share(tokens, experts[:, 0])}
+        routed = experts[:, 0] >= 0  # a token no expert took (expert choice) has no top-1
+        out[name] = {
+            "top_tokens": experts_table,
+            **token_identity_share(tokens[routed], experts[routed, 0]),
+        }
     return out
 
 

@@ -6,6 +6,11 @@ data split through the model and turns the ``MoERecord``s its forward returns
 (``net_output[1]["moe_records"]``) into one row per (non-padding token, MoE layer): the arrays
 ``routing_analysis.py`` documents.
 
+Under expert choice (``--moe-routing expert_choice``) a token has a variable number of experts,
+possibly none: its row lists the experts that took it, best first, and -1 in the remaining
+slots (``chosen_experts``). Expert choice routes a token by the rest of its batch, so such a log
+holds for the batching it was recorded with (``max_tokens``, ``max_sentences`` in the log).
+
 Teacher-forced by default (the decoder reads the reference). With generation options, the
 decoder reads the generator's best hypothesis instead, decoded again with teacher forcing from
 the generator's first token: dropless routing is per token, and full decoding equals incremental
@@ -87,11 +92,42 @@ def _positions(tokens, pad):
     return (tokens.ne(pad).long().cumsum(1) - 1).clamp_min(0)
 
 
+def chosen_experts(record) -> tuple[np.ndarray, np.ndarray]:
+    """A record's experts per token, best first, and their combine weights (N x k each).
+
+    Top-k: the k choices (``expert_index``, ``expert_weight``); dense routing: all E. Expert
+    choice (``record.expert_choice``; ``expert_index`` N x E, ``keep`` N x E): the experts that
+    took the token by decreasing weight, then -1 (weight 0) for those that did not, so a row of
+    -1 is a token no expert took."""
+    if not record.expert_choice:
+        return record.expert_index.numpy(), record.expert_weight.float().numpy()
+    keep = record.keep  # N x E
+    weight = record.expert_weight.detach().float()  # N x E, 0 where not taken
+    order = torch.argsort(weight.masked_fill(~keep, -1.0), dim=1, descending=True, stable=True)
+    taken = keep.gather(1, order)  # N x E, the taken slots first
+    experts = record.expert_index.gather(1, order).masked_fill(~taken, -1)
+    return experts.numpy(), (weight.gather(1, order) * taken).numpy()
+
+
+def routing_kind(record) -> str:
+    """``expert_choice``, ``dense`` or ``topk``: how a record's layer routed."""
+    return "expert_choice" if record.expert_choice else "dense" if record.dense else "topk"
+
+
+def _pad_columns(arrays: list[np.ndarray], fill) -> np.ndarray:
+    """Row-concatenate R_i x w_i arrays, padding each to the widest with ``fill``."""
+    width = max(a.shape[1] for a in arrays)
+    return np.concatenate(
+        [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill) for a in arrays]
+    )
+
+
 def records_to_rows(records, src_tokens, dec_tokens, pad, layer_ids) -> dict[str, np.ndarray]:
     """Token rows (one per routed token and layer) from a forward's ``MoERecord``s.
 
     ``src_tokens`` (B x S) and ``dec_tokens`` (B x T) are the encoder's and decoder's inputs;
-    ``layer_ids`` maps a layer's module name to its index in the log."""
+    ``layer_ids`` maps a layer's module name to its index in the log. ``experts`` and
+    ``weights`` are as wide as the widest layer's (``chosen_experts``), padded with -1 and 0."""
     rows = {key: [] for key in ("layer", "b", "position", "token", "experts", "weights", "entropy")}
     tokens_of = {"encoder": src_tokens, "decoder": dec_tokens}  # B x S, B x T
     positions_of = {side: _positions(tokens, pad) for side, tokens in tokens_of.items()}
@@ -106,10 +142,13 @@ def records_to_rows(records, src_tokens, dec_tokens, pad, layer_ids) -> dict[str
         rows["b"].append(b.numpy())
         rows["position"].append(positions_of[side][b, t].numpy())
         rows["token"].append(tokens_of[side][b, t].numpy())
-        rows["experts"].append(record.expert_index.numpy())  # N x k
-        rows["weights"].append(record.expert_weight.float().numpy())  # N x k
+        experts, weights = chosen_experts(record)  # N x k each
+        rows["experts"].append(experts)
+        rows["weights"].append(weights)
         rows["entropy"].append(record.token_entropy.float().numpy())  # N
-    return {k: np.concatenate(v) for k, v in rows.items()}
+    padded = {"experts": -1, "weights": 0.0}
+    return {k: _pad_columns(v, padded[k]) if k in padded else np.concatenate(v)
+            for k, v in rows.items()}  # fmt: skip
 
 
 def generated_decoder_input(model, task, sample, generation):
@@ -157,14 +196,18 @@ def record_split(model, moe_layers, pairs, split, max_tokens, max_sentences, gen
 
     ``generation``: None for teacher forcing, else ``generation_options(...)`` to route the
     decoder on the generator's output. Returns the routing log's arrays and the hypotheses
-    (``{"src-tgt:id": text}``, empty when teacher-forced)."""
+    (``{"src-tgt:id": text}``, empty when teacher-forced). Besides the arrays
+    ``routing_analysis.py`` requires, the log holds per layer ``layer_routing`` (``topk``,
+    ``dense`` or ``expert_choice``), ``shared_experts`` (their number, 0 = none) and
+    ``shared_gated``, and the batching (``max_tokens``, ``max_sentences``, -1 = none) and
+    ``expert_capacity_factor`` that expert-choice routing depends on."""
     layer_names = [m.name for m in moe_layers]
     layer_ids = {n: i for i, n in enumerate(layer_names)}
     is_decoder = np.array([layer_side(n) == "decoder" for n in layer_names])
     langs = sorted({lang for pair, _ in pairs for lang in pair})
     cols = {k: [] for k in ("layer", "sentence", "batch", "position", "token", "lang", "pair",
                             "experts", "weights", "entropy")}  # fmt: skip
-    batch_no, hypotheses = 0, {}
+    batch_no, hypotheses, kinds = 0, {}, {}
     for p, ((src, tgt), task) in enumerate(pairs):
         pad = task.source_dictionary.pad()
         for sample in _batches(task, split, max_tokens, max_sentences):
@@ -177,6 +220,8 @@ def record_split(model, moe_layers, pairs, split, max_tokens, max_sentences, gen
                     hypotheses[f"{src}-{tgt}:{sid}"] = task.target_dictionary.string(h)
             with torch.no_grad():
                 _, extra = model(**net_input)
+            for record in extra["moe_records"]:
+                kinds.setdefault(record.layer, routing_kind(record))
             rows = records_to_rows(extra["moe_records"], net_input["src_tokens"],
                                    net_input["prev_output_tokens"], pad, layer_ids)  # fmt: skip
             n = len(rows["layer"])
@@ -192,12 +237,24 @@ def record_split(model, moe_layers, pairs, split, max_tokens, max_sentences, gen
                 cols[key].append(rows[key])
             batch_no += 1
     dictionary = pairs[0][1].source_dictionary
-    log = {k: np.concatenate(v) for k, v in cols.items()}
+    padded = {"experts": -1, "weights": 0.0}
+    log = {k: _pad_columns(v, padded[k]) if k in padded else np.concatenate(v)
+           for k, v in cols.items()}  # fmt: skip
+    shared = [getattr(m, "shared", None) for m in moe_layers]
+    gates = [m.gate for m in moe_layers]
     log.update(
         layer_names=np.array(layer_names), langs=np.array(langs),
         pairs=np.array([f"{s}-{t}" for (s, t), _ in pairs]),
         vocab=np.array([dictionary[i] for i in range(len(dictionary))]),
         num_experts=np.array(moe_layers[0].num_experts), k=np.array(moe_layers[0].gate.k),
+        layer_routing=np.array([kinds.get(n, "topk") for n in layer_names]),
+        shared_experts=np.array([0 if m is None else m.num_shared for m in shared]),
+        shared_gated=np.array([m is not None and m.gate is not None for m in shared]),
+        max_tokens=np.array(-1 if max_tokens is None else max_tokens),
+        max_sentences=np.array(-1 if max_sentences is None else max_sentences),
+        expert_capacity_factor=np.array(max(
+            (float(getattr(g, "expert_capacity_factor", 0.0)) for g in gates
+             if getattr(g, "routing", "topk") == "expert_choice"), default=0.0)),
     )  # fmt: skip
     for key in ("layer", "lang", "pair", "experts"):
         log[key] = log[key].astype(np.int16)

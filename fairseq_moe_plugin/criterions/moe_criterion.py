@@ -119,32 +119,58 @@ def records_in(net_output) -> list[MoERecord]:
     return []
 
 
-def _gates_with_ema(model) -> dict:
-    """``{layer name: gate}`` of the MoE layers whose gate keeps a usage EMA."""
+def _gates_with(model, option: str) -> dict:
+    """``{layer name: gate}`` of the MoE layers whose gate has ``option`` (a gate attribute:
+    ``usage_ema_decay``, ``bias_balancing_rate``) above 0."""
     return {
         m.name: m.gate
         for m in model.modules()
-        if isinstance(m, MoELayer) and getattr(m.gate, "usage_ema_decay", 0) > 0
+        if isinstance(m, MoELayer) and getattr(m.gate, option, 0) > 0
     }
+
+
+def _gate_buffers(model, option: str, buffer: str) -> dict[str, torch.Tensor]:
+    """``{layer name: E}`` a copy of ``buffer`` of every gate with ``option`` on."""
+    return {n: getattr(g, buffer).detach().clone() for n, g in _gates_with(model, option).items()}
+
+
+def _fold_loads(model, records: list[MoERecord], option: str, update: str) -> None:
+    """Call ``gate.<update>(loads)`` with each record's loads (``MoERecord.expert_load``) on the
+    gates with ``option`` on. The criterion does this, after the forward, not the gate during
+    it: a forward that runs twice (activation checkpointing's recompute) must not count a batch
+    twice."""
+    gates = _gates_with(model, option)
+    for record in records:
+        gate = gates.get(record.layer)
+        if gate is not None:
+            getattr(gate, update)(record.expert_load.detach())
 
 
 def usage_emas(model) -> dict[str, torch.Tensor]:
     """``{layer name: E}`` the usage EMA of every gate that keeps one (``--moe-usage-ema``)."""
-    return {name: gate.usage_ema.detach().clone() for name, gate in _gates_with_ema(model).items()}
+    return _gate_buffers(model, "usage_ema_decay", "usage_ema")
 
 
 def update_usage_emas(model, records: list[MoERecord]) -> dict[str, torch.Tensor]:
-    """Fold a training batch's loads (``MoERecord.expert_load``) into the usage EMA of each
-    layer's gate, and return the EMAs (``usage_emas``). The criterion does this, after the
-    forward, not the gate during it: a forward that runs twice (activation checkpointing's
-    recompute) must not count a batch twice. Each worker updates its own copy from the batches
-    it sees; a checkpoint holds the copy of the worker that saves it."""
-    gates = _gates_with_ema(model)
-    for record in records:
-        gate = gates.get(record.layer)
-        if gate is not None:
-            gate.update_usage_ema(record.expert_load.detach())
+    """Fold a training batch's loads into the usage EMA of each layer's gate, and return the
+    EMAs (``usage_emas``). Each worker updates its own copy from the batches it sees; a
+    checkpoint holds the copy of the worker that saves it."""
+    _fold_loads(model, records, "usage_ema_decay", "update_usage_ema")
     return usage_emas(model)
+
+
+def balance_biases(model) -> dict[str, torch.Tensor]:
+    """``{layer name: E}`` the selection bias of every gate that balances with one
+    (``--moe-bias-balancing-rate``)."""
+    return _gate_buffers(model, "bias_balancing_rate", "balance_bias")
+
+
+def accumulate_balance_loads(model, records: list[MoERecord]) -> dict[str, torch.Tensor]:
+    """Add a training batch's loads (the router's assignments before capacity) to each
+    bias-balanced gate's ``balance_load``, whose sum over the update the gate turns into one
+    bias step when fairseq starts the next update (over all workers); return the biases."""
+    _fold_loads(model, records, "bias_balancing_rate", "accumulate_balance_load")
+    return balance_biases(model)
 
 
 class MoECriterionMixin:
@@ -204,12 +230,15 @@ class MoECriterionMixin:
         self.moe_monitor.observe(records, training=model.training, num_updates=num_updates or 0)
 
         emas = update_usage_emas(model, records) if model.training else usage_emas(model)
+        biases = accumulate_balance_loads(model, records) if model.training else None
+        if biases is None:
+            biases = balance_biases(model)
         w_balance, w_z = self.moe_balance_loss_weight, self.moe_z_loss_weight
         terms = [r.aux_loss(w_balance, w_z) for r in records]  # one scalar per MoE layer
         aux = sum(terms[1:], terms[0]) if terms else torch.zeros(())
         if records and (w_balance > 0 or w_z > 0):
             loss = loss + aux * sample_size / (1 if reduce else loss.numel())
-        logs = moe_logging_output(records, aux, sample_size, emas)
+        logs = moe_logging_output(records, aux, sample_size, emas, biases)
         if records and self.moe_monitor.boost_factor > 1:
             logs["moe_balance_weight_x_ss"] = w_balance * sample_size
         return loss, logs

@@ -29,41 +29,61 @@ def moe_logging_output(
     aux_loss: torch.Tensor,
     sample_size,
     usage_emas: dict[str, torch.Tensor] | None = None,
+    balance_biases: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Flat summable scalars describing the routing of one batch: totals over the MoE layers,
     and per layer (``layer_stat_key``) and per expert (``count_key``: the router's assignments
     before capacity, or the probability mass under dense routing), and each layer's usage EMA
-    (``usage_emas``, ``{layer: E}``; summed with a batch count, averaged when reduced). Every
-    tensor is detached."""
+    (``usage_emas``, ``{layer: E}``; summed with a batch count, averaged when reduced), the
+    selection bias of aux-loss-free balancing (``balance_biases``, the same way), and, for
+    expert-choice layers, the tokens no expert took and the (token, expert) pairs computed.
+    Every tensor is detached."""
     if not records:
         return {}
     n_layers = len(records)
+    chooser = [r for r in records if getattr(r, "expert_choice", False)]
     out = {
         "moe_aux_loss": aux_loss.detach() * sample_size,
         "moe_balance_loss": sum(r.balance_loss.detach() for r in records) / n_layers * sample_size,
         "moe_z_loss": sum(r.z_loss.detach() for r in records) / n_layers * sample_size,
         "moe_dropped": sum(r.dropped.detach() for r in records),
         "moe_dropped_tokens": sum(r.dropped_tokens.detach() for r in records),
-        "moe_assignments": sum(r.routed_tokens.detach() * r.k for r in records),
+        "moe_assignments": sum(_assignments(r) for r in records),
         "moe_entropy_sum": sum(r.entropy.detach() * r.routed_tokens.detach() for r in records),
         "moe_routed_tokens": sum(r.routed_tokens.detach() for r in records),
     }
+    if chooser:  # expert choice: tokens no expert took, and experts per token
+        out["moe_ec_routed"] = sum(r.routed_tokens.detach() for r in chooser)
+        out["moe_ec_unchosen"] = sum(r.unchosen_tokens.detach() for r in chooser)
+        out["moe_ec_computed"] = sum(r.computed_assignments.detach() for r in chooser)
     for r in records:
         routed = r.routed_tokens.detach()
         out[layer_stat_key(r.layer, "balance")] = r.balance_loss.detach() * sample_size
         out[layer_stat_key(r.layer, "z")] = r.z_loss.detach() * sample_size
         out[layer_stat_key(r.layer, "dropped")] = r.dropped.detach()
         out[layer_stat_key(r.layer, "dropped_tokens")] = r.dropped_tokens.detach()
-        out[layer_stat_key(r.layer, "assignments")] = routed * r.k
+        out[layer_stat_key(r.layer, "assignments")] = _assignments(r)
         out[layer_stat_key(r.layer, "entropy_sum")] = r.entropy.detach() * routed
         out[layer_stat_key(r.layer, "routed")] = routed
+        if getattr(r, "expert_choice", False):
+            out[layer_stat_key(r.layer, "unchosen")] = r.unchosen_tokens.detach()
+            out[layer_stat_key(r.layer, "computed")] = r.computed_assignments.detach()
         for e, count in enumerate(r.expert_load.detach()):
             out[count_key(r.layer, e)] = count
-    for layer, ema in (usage_emas or {}).items():
-        out[layer_stat_key(layer, "ema_batches")] = 1
-        for e, value in enumerate(ema):
-            out[layer_stat_key(layer, f"ema_e{e}")] = value
+    for stat, values in (("ema", usage_emas), ("bias", balance_biases)):
+        for layer, vector in (values or {}).items():
+            out[layer_stat_key(layer, f"{stat}_batches")] = 1
+            for e, value in enumerate(vector):
+                out[layer_stat_key(layer, f"{stat}_e{e}")] = value
     return out
+
+
+def _assignments(record: MoERecord) -> torch.Tensor:
+    """The assignments a layer's dropped fraction is over: N * k, or under expert choice the
+    (token, expert) pairs the experts took."""
+    if getattr(record, "expert_choice", False):
+        return record.computed_assignments.detach()
+    return record.routed_tokens.detach() * record.k
 
 
 def _total(logging_outputs, key) -> float:
@@ -119,6 +139,12 @@ def reduce_moe_metrics(logging_outputs) -> None:
         metrics.log_scalar("moe_entropy", entropy, routed, round=4)
         dropped_tokens = _total(logging_outputs, "moe_dropped_tokens") / routed
         metrics.log_scalar("moe_dropped_token_frac", dropped_tokens, routed, round=4)
+    ec_routed = _total(logging_outputs, "moe_ec_routed")
+    if ec_routed > 0:
+        unchosen = _total(logging_outputs, "moe_ec_unchosen") / ec_routed
+        metrics.log_scalar("moe_unchosen_frac", unchosen, ec_routed, round=4)
+        per_token = _total(logging_outputs, "moe_ec_computed") / ec_routed
+        metrics.log_scalar("moe_experts_per_token", per_token, ec_routed, round=3)
     for layer, counts in expert_counts_by_layer(logging_outputs).items():
         _reduce_layer(logging_outputs, layer, counts, sample_size)
 
@@ -147,9 +173,13 @@ def _reduce_layer(logging_outputs, layer: str, counts: list[float], sample_size:
         for e, count in enumerate(counts):
             name = load_metric(layer, e)
             metrics.log_scalar(name, count / weight, weight, round=4, priority=300)
-    batches = total("ema_batches")
-    if batches > 0:  # the usage EMA, beside the window's loads
-        for e in range(len(counts)):
-            value = total(f"ema_e{e}") / batches
-            metrics.log_scalar(layer_metric(layer, f"ema_e{e}"), value, batches, round=4,
-                               priority=300)  # fmt: skip
+    if routed > 0 and total("computed") > 0:  # expert choice
+        log("unchosen_frac", total("unchosen") / routed, routed, 4)
+        log("experts_per_token", total("computed") / routed, routed, 3)
+    for stat in ("ema", "bias"):  # the usage EMA and the selection bias, beside the loads
+        batches = total(f"{stat}_batches")
+        if batches > 0:
+            for e in range(len(counts)):
+                value = total(f"{stat}_e{e}") / batches
+                metrics.log_scalar(layer_metric(layer, f"{stat}_e{e}"), value, batches,
+                                   round=4, priority=300)  # fmt: skip

@@ -11,9 +11,11 @@ reuses the model's own submodules and weights (embeddings, layer norms, attentio
 dense FFNs, routers, classification head) with a forward written for export: the key padding
 mask is additive, padding positions are zeroed as fairseq zeroes them, and every MoE block is
 ``onnx_moe.ExportMoE`` (static-graph routing; see that module for the three ``--moe-op``
-formulations). The model itself is left unmodified. The graph is built by torch's default
-(dynamo) exporter; ``--moe-op fused``/``qmoe`` map a torch custom op onto onnxruntime's
-``com.microsoft.MoE``/``QMoE`` through its ``custom_translation_table``.
+formulations; shared experts and the CMR mix are plain linear ops beside it, expert-choice
+routing is refused: an expert's choice depends on the whole batch). The model itself is left
+unmodified. The graph is built by torch's default (dynamo) exporter; ``--moe-op fused``/``qmoe``
+map a torch custom op onto onnxruntime's ``com.microsoft.MoE``/``QMoE`` through its
+``custom_translation_table``.
 
 ``--moe-op plain`` ships by default: exact for every activation, portable, and the fastest at
 batch 1 on the measured classifier; ``onnx_moe``'s docstring has the figures, and when ``fused``
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .onnx_moe import ExportError, ExportMoE, ort_translation_table
 
@@ -130,13 +133,19 @@ class ExportEncoder(nn.Module):
         return attn.out_proj(out)
 
     def ffn(self, index: int, layer, x: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
-        """The layer's FFN (dense, MoE, or MoE beside the dense FFN): T x B x C -> T x B x C."""
+        """The layer's FFN (dense, MoE, MoE beside the dense FFN, or the two mixed by the CMR
+        gate): T x B x C -> T x B x C."""
         key = str(index)
         if key not in self.moe:
             return layer.fc2(layer.activation_fn(layer.fc1(x)))
         y = self.moe[key](x.flatten(0, 1), real_tokens).view_as(x).to(x.dtype)
         if getattr(layer, "parallel_ffn", False):  # --moe-expert-placement parallel
             y = y + layer.fc2(layer.activation_fn(layer.fc1(x)))
+        elif getattr(layer, "cmr", False):  # --moe-cmr: (1 - g) * dense + g * MoE
+            gate = layer.cmr_gate
+            g = torch.sigmoid(F.linear(x.float(), gate.weight.float(), gate.bias.float()))
+            dense = layer.fc2(layer.activation_fn(layer.fc1(x)))
+            y = ((1.0 - g) * dense.float() + g * y.float()).to(x.dtype)  # T x B x C
         return y
 
     def forward(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,6 +90,17 @@ def check_exportable_moe(moe: nn.Module, name: str, moe_op: str = "plain") -> No
             f"{name}: expert parallelism (--moe-expert-parallel-size > 1) is not supported; "
             "load the consolidated checkpoint on one process"
         )
+    if gate.routing == "expert_choice":
+        raise ExportError(
+            f"{name}: expert-choice routing is not supported by the ONNX export: each expert "
+            "takes its top C tokens of the whole batch, which a per-token static graph does not "
+            "compute"
+        )
+    if getattr(gate, "bias_balancing_rate", 0.0) > 0 and moe_op != "plain":
+        raise ExportError(
+            f"{name}: --moe-bias-balancing-rate selects the experts by biased logits, which "
+            f"onnxruntime's MoE op (--moe-op {moe_op}) cannot take; use --moe-op plain"
+        )
     factor = gate.eval_capacity_factor
     if not gate.routes_densely and factor > 0 and factor * gate.k < gate.num_experts:
         raise ExportError(
@@ -144,13 +155,25 @@ def register_ort_schemas() -> None:
         onnx.defs.register_schema(schema)
 
 
-def combine_weights(logits: torch.Tensor, k: int, normalize: bool, dense: bool) -> torch.Tensor:
+def combine_weights(
+    logits: torch.Tensor,
+    k: int,
+    normalize: bool,
+    dense: bool,
+    select_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The gate's combine weights as a dense N x E matrix (k non-zeros per row, or all E under
-    dense routing); logits: N x E fp32, already divided by the temperature."""
+    dense routing); logits: N x E fp32, already divided by the temperature; ``select_bias``: E,
+    the bias-balancing bias, which picks the k experts (top-k of ``logits + select_bias``) but
+    does not weigh them."""
     probs = torch.softmax(logits, dim=-1)  # N x E
     if dense:
         return probs
-    top_prob, top_index = torch.topk(probs, k, dim=-1)  # N x k, best first
+    if select_bias is not None:
+        top_index = torch.topk(logits + select_bias, k, dim=-1).indices  # N x k
+        top_prob = probs.gather(1, top_index)  # N x k, unbiased
+    else:
+        top_prob, top_index = torch.topk(probs, k, dim=-1)  # N x k, best first
     if normalize:
         top_prob = top_prob / top_prob.sum(dim=-1, keepdim=True).clamp_min(1e-9)
     return torch.zeros_like(probs).scatter(1, top_index, top_prob)  # N x E
@@ -250,7 +273,9 @@ class ExportMoE(nn.Module):
     """One ``MoELayer`` in eval, export-friendly: x N x C (every token, padding included) ->
     N x C, zero at padding as the layer's output is. The router is the gate's own ``wg``; the
     expert weights are re-laid (``plain``), used as they are (``fused``) or quantised
-    (``qmoe``) once here, never per call."""
+    (``qmoe``) once here, never per call. Shared experts (``moe.shared``, their own linear
+    layers) are added to the routed output; the bias-balancing bias picks the experts
+    (``plain``)."""
 
     def __init__(self, moe: MoELayer, name: str, moe_op: str = "plain"):
         super().__init__()
@@ -263,6 +288,8 @@ class ExportMoE(nn.Module):
         self.k = gate.num_experts if self.dense else int(gate.k)
         self.normalize = bool(gate.normalize_top_k) and not self.dense
         self.activation = experts.activation_name
+        self.shared = moe.shared  # or None
+        self.select_bias = getattr(gate, "balance_bias", None)  # E, or None
         self.fallback_expert = int(getattr(gate, "fallback_expert", -1))
         if self.fallback_expert >= 0:  # the gate's fallback_nonfinite: a one-hot row of logits
             from ..modules.gate import FALLBACK_OTHER_LOGIT
@@ -304,7 +331,8 @@ class ExportMoE(nn.Module):
         logits = self.router_logits(x)  # N x E
         x = x.float()
         if self.moe_op == "plain":
-            weight = combine_weights(logits, self.k, self.normalize, self.dense)  # N x E
+            select_bias = None if self.select_bias is None else self.select_bias.float()
+            weight = combine_weights(logits, self.k, self.normalize, self.dense, select_bias)
             y = dense_experts_ffn(x, weight, self.w1cat, self.b1cat, self.w2cat, self.b2,
                                   self.activation)  # fmt: skip
         elif self.moe_op == "fused":
@@ -316,4 +344,16 @@ class ExportMoE(nn.Module):
                 x, logits, self.fc1_q, self.fc1_scale, self.fc1_bias, self.fc2_q,
                 self.fc2_scale, self.fc2_bias, self.k, self.normalize,
                 ORT_ACTIVATIONS[self.activation])  # fmt: skip
+        if self.shared is not None:
+            y = y + self.shared_experts(x)
         return torch.where(real, y, torch.zeros_like(y))  # N x C
+
+    def shared_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """``SharedExperts.forward`` in eval with plain ops: x N x C fp32 -> N x C."""
+        shared = self.shared
+        activation = get_activation_fn(shared.activation_name)
+        h = activation(F.linear(x, shared.fc1.weight.float(), shared.fc1.bias.float()))
+        y = F.linear(h, shared.fc2.weight.float(), shared.fc2.bias.float())  # N x C
+        if shared.gate is not None:
+            y = torch.sigmoid(F.linear(x, shared.gate.weight.float())) * y  # N x 1 gate
+        return y

@@ -6,7 +6,8 @@ Frozen parameters get ``requires_grad = False``: autograd gives them no gradient
 trainer builds its optimizer from the parameters that require a gradient only, so they have no
 optimizer state either. What stays trainable:
 
-- every router (``*.moe.gate.*``);
+- every router (``*.moe.gate.*``), shared expert (``*.moe.shared.*``) and CMR gate
+  (``*.cmr_gate.*``);
 - every expert parameter that is trainable by construction: the stacked FFN experts, or the
   LoRA deltas (LoRA experts' shared FFN is frozen by ``LoRAExperts`` itself);
 - with ``--moe-train-heads``: ``moe_roberta``'s classification heads (also those registered
@@ -26,12 +27,19 @@ logger = logging.getLogger(__name__)
 
 
 def moe_trainable_parameters(model: nn.Module) -> set[int]:
-    """ids of the router and expert parameters that train under a frozen base."""
+    """ids of the parameters that train under a frozen base: routers, experts, shared experts
+    (and their gate) and the CMR gates (``--moe-cmr``: the dense branch it mixes in is the
+    frozen FFN)."""
     keep = set()
     for module in model.modules():
         if isinstance(module, MoELayer):
             keep.update(id(p) for p in module.gate.parameters())
             keep.update(id(p) for p in module.experts.parameters() if p.requires_grad)
+            if module.shared is not None:
+                keep.update(id(p) for p in module.shared.parameters())
+        cmr_gate = getattr(module, "cmr_gate", None)
+        if isinstance(cmr_gate, nn.Module):
+            keep.update(id(p) for p in cmr_gate.parameters())
     return keep
 
 

@@ -29,6 +29,14 @@ Buffers: ``P.gate.usage_ema`` (the EMA of the load shares, summing to 1) is exte
 renormalised: ``offset`` gives the new experts 0 (they have had no load; the old shares still
 sum to 1); ``copy`` splits a source's share equally between it and its copies, as the routing
 mass is split. ``P.gate.routing_updates`` (the maturity schedule's update count) is kept as is.
+With auxiliary-loss-free balancing, ``P.gate.balance_bias`` (the selection bias) gives a new
+expert the smallest old bias (``offset``: it stays below every old expert) or its source's
+(``copy``), and ``P.gate.balance_load`` (the loads of the update in progress) 0.
+
+Shared experts (``P.shared.*``) and the CMR gate do not depend on the number of experts and are
+kept as they are. Expert-choice routing is refused: each expert takes ``ceil(c N / E)`` tokens,
+so adding experts changes which tokens the old ones take, and the grown model would not compute
+what the old one did.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ ROUTER_SUFFIX = ".gate.wg.weight"
 FFN_STACKS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")  # E x ...
 LORA_STACKS = ("lora_a1", "lora_b1", "lora_a2", "lora_b2")  # E x ...
 LORA_SHARED = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # the frozen FFN, not per expert
-GATE_KEYS = ("wg.weight", "wg.bias", "usage_ema", "routing_updates")
+GATE_KEYS = ("wg.weight", "wg.bias", "usage_ema", "routing_updates", "balance_bias", "balance_load")
 ROUTER_INITS = ("offset", "copy")
 
 
@@ -209,6 +217,14 @@ def _grow_router(state, new, prefix, sources, num_new, offset, noise, generator,
             shares = shares / split.exp()
             extra = shares[sources]
         new[f"{prefix}.gate.usage_ema"] = torch.cat([shares, extra]).to(ema)
+    balance_bias = state.get(f"{prefix}.gate.balance_bias")
+    if balance_bias is not None:  # E: the bias-balancing selection bias
+        old = balance_bias.float().cpu()
+        added = old[sources] if sources else torch.full((num_new,), float(old.min()))
+        new[f"{prefix}.gate.balance_bias"] = torch.cat([old, added]).to(balance_bias)
+    load = state.get(f"{prefix}.gate.balance_load")
+    if load is not None:  # E: the loads accumulated in the update in progress
+        new[f"{prefix}.gate.balance_load"] = torch.cat([load, load.new_zeros(num_new)])
 
 
 def grow_state_dict(state: dict, cfg, num_new: int, router_init: str = "offset",
@@ -233,6 +249,13 @@ def grow_state_dict(state: dict, cfg, num_new: int, router_init: str = "offset",
         ValueError naming what is wrong: N < 1, no MoE layer, inconsistent expert counts, a
         source expert out of range, an expert-parallel size that does not divide E + N.
     """
+    routings = {str(config_value(cfg, key)) for key in ("moe_routing", "moe_decoder_routing")}
+    if "expert_choice" in routings:
+        raise ValueError(
+            "cannot grow an expert-choice model: each expert takes ceil(c * N / E) tokens, so "
+            "adding experts changes which tokens the old experts take, and the grown model "
+            "would not compute what the old one did"
+        )
     prefixes = moe_layer_prefixes(state)
     if not prefixes:
         raise ValueError(f"no MoE layer in the state dict (no key ends with .moe{ROUTER_SUFFIX})")

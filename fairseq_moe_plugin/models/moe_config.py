@@ -7,19 +7,18 @@ from argparse import Namespace
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-import torch.distributed as dist
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import get_available_activation_fns
 
 from ..modules.expert_compute import IMPLS
-from ..modules.expert_parallel import expert_parallel_groups
 from ..modules.gate import (
     BALANCE_LOSSES,
+    CAPACITY_PRIORITIES,
     ROUTINGS,
-    check_fallback_expert,
-    check_router_options,
-    check_routing_options,
 )
+
+# The validation lives in config_checks.py; the models import it from here.
+from .config_checks import decoder_routing, validate_moe_args  # noqa: E402, F401
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +28,7 @@ EXPERT_IMPL_CHOICES = ChoiceEnum(list(IMPLS))
 ROUTING_CHOICES = ChoiceEnum(list(ROUTINGS))
 BALANCE_LOSS_CHOICES = ChoiceEnum(list(BALANCE_LOSSES))
 PLACEMENT_CHOICES = ChoiceEnum(["replace", "parallel"])
+CAPACITY_PRIORITY_CHOICES = ChoiceEnum(list(CAPACITY_PRIORITIES))
 INT8_MODES = ("off", "dynamic", "weight_only")
 INT8_CHOICES = ChoiceEnum(list(INT8_MODES))
 EXPERT_TYPE_CHOICES = ChoiceEnum(["ffn", "lora"])
@@ -137,7 +137,85 @@ class MoEConfig(FairseqDataclass):
         metadata={
             "help": "topk (default): each token goes to its --moe-top-k experts; dense: every "
             "token goes to all experts, each weighted by its router probability, with no "
-            "capacity and no drops (DyLoRA-MoE's dense collaboration; costs E expert passes)"
+            "capacity and no drops (DyLoRA-MoE's dense collaboration; costs E expert passes); "
+            "expert_choice: each expert takes its top C tokens (Zhou et al. 2022; C from "
+            "--moe-expert-capacity-factor), tokens no expert takes pass through the residual "
+            "alone; encoder and moe_roberta only (not causal), and a token's routing depends on "
+            "the rest of its batch, in training and at inference"
+        },
+    )
+    moe_decoder_routing: Optional[ROUTING_CHOICES] = field(
+        default=None,
+        metadata={
+            "help": "routing of the decoder's MoE layers (topk or dense); default: --moe-routing. "
+            "Set it to topk to use --moe-routing expert_choice in the encoder of "
+            "moe_transformer: expert choice is not causal and is refused in a decoder"
+        },
+    )
+    moe_expert_capacity_factor: float = field(
+        default=2.0,
+        metadata={
+            "help": "with --moe-routing expert_choice: every expert takes its top C = "
+            "ceil(factor * tokens / E) tokens of the batch, so a token gets `factor` experts on "
+            "average (Zhou et al. 2022's capacity factor c; > 0)"
+        },
+    )
+    moe_capacity_priority: CAPACITY_PRIORITY_CHOICES = field(
+        default="rank_prob",
+        metadata={
+            "help": "which assignments an expert keeps when --moe-capacity-factor binds in "
+            "training: rank_prob (default): first choices before second choices, then by gate "
+            "probability (batch-prioritised routing, Riquelme et al. 2021); random: a random "
+            "order (Zoph et al. 2022's random-token-selection ablation). Eval mode always uses "
+            "rank_prob, so that generation is reproducible"
+        },
+    )
+    moe_shared_experts: int = field(
+        default=0,
+        metadata={
+            "help": "N always-on shared experts (DeepSeekMoE, Dai et al. 2024; Qwen-MoE): every "
+            "token passes through them and their output is added to the routed experts'; each is "
+            "an FFN of --moe-expert-ffn-dim (default: the layer's FFN size); 0 = none"
+        },
+    )
+    moe_shared_expert_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "with --moe-shared-experts: scale the shared experts' output per token by a "
+            "learned sigmoid(w . x) (Qwen-MoE's shared-expert gate)"
+        },
+    )
+    moe_bias_balancing_rate: float = field(
+        default=0.0,
+        metadata={
+            "help": "auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3) with "
+            "this update rate u: a per-expert bias, added to the router logits for the top-k "
+            "selection only (combine weights use the unbiased probabilities), moves after every "
+            "update by u * sign(mean load - load_i), loads summed over the update and all "
+            "workers; saved in checkpoints, logged as moe_<layer>_bias_e<i>. Use with "
+            "--moe-balance-loss-weight 0 for the loss-free method; 0 = off"
+        },
+    )
+    moe_eom: float = field(
+        default=0.0,
+        metadata={
+            "help": "expert output masking (NLLB Team 2022, EOM): in training, each token's "
+            "routed-expert output is zeroed with this probability (the kept ones scaled by "
+            "1/(1-p), as dropout); shared experts and the dense branch are not masked; 0 = off"
+        },
+    )
+    moe_cmr: bool = field(
+        default=False,
+        metadata={
+            "help": "conditional MoE routing (NLLB Team 2022, CMR): each MoE layer keeps a dense "
+            "FFN beside the experts and mixes them per token, (1 - g) * FFN(x) + g * MoE(x), with "
+            "a learned gate g = sigmoid(w . x)"
+        },
+    )
+    moe_cmr_gate_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "with --moe-cmr: dropout on the gate g in training (NLLB's CMR gate drop)"
         },
     )
     moe_dense_routing_until: int = field(
@@ -293,180 +371,3 @@ def moe_config_from_namespace(args: Namespace) -> MoEConfig:
 def is_moe_layer(layer_index: int, freq: int) -> bool:
     """Layer ``layer_index`` (from 0) is MoE when ``freq > 0`` and ``(layer_index + 1) % freq == 0``."""
     return freq > 0 and (layer_index + 1) % freq == 0
-
-
-def validate_moe_args(args: Namespace) -> None:
-    """Reject impossible MoE settings with a message that names the arch in use and the flag."""
-    arch = getattr(args, "arch", None) or "moe"
-
-    def fail(msg: str) -> None:
-        raise ValueError(f"{arch}: {msg}")
-
-    try:  # E, k and jitter: the one check the gate and the experts use too
-        check_routing_options(
-            args.moe_expert_count,
-            args.moe_top_k,
-            args.moe_jitter_eps,
-            args.moe_expert_parallel_size,
-        )
-    except ValueError as err:
-        fail(str(err))
-    for flag in ("encoder_moe_freq", "decoder_moe_freq"):
-        if getattr(args, flag) < 0:
-            fail(
-                f"--{flag.replace('_', '-')} must be >= 0 (0 = no MoE layers), "
-                f"got {getattr(args, flag)}"
-            )
-    if args.moe_expert_ffn_dim is not None and args.moe_expert_ffn_dim < 1:
-        fail(f"--moe-expert-ffn-dim must be >= 1, got {args.moe_expert_ffn_dim}")
-    activation = args.moe_activation_fn
-    if activation is not None and str(activation) not in get_available_activation_fns():
-        fail(f"--moe-activation-fn {activation!r} is not one of {get_available_activation_fns()}")
-    for side in ("encoder", "decoder"):
-        freq, layers = getattr(args, f"{side}_moe_freq"), getattr(args, f"{side}_layers", None)
-        if layers is not None and freq > layers:  # encoder-only models have no decoder
-            logger.warning(
-                f"--{side}-moe-freq {freq} > --{side}-layers {layers}: the {side} has no MoE layer"
-            )
-    try:
-        check_router_options(
-            str(args.moe_routing),
-            args.moe_dense_routing_until,
-            args.moe_router_temperature,
-            str(args.moe_balance_loss),
-            args.moe_usage_ema,
-        )
-    except ValueError as err:
-        fail(str(err))
-    try:
-        check_fallback_expert(args.moe_fallback_expert, args.moe_expert_count)
-    except ValueError as err:
-        fail(str(err))
-    _validate_expert_parallel(args, fail)
-    _validate_adapters(args, fail)
-    _validate_int8(args, fail)
-    if args.moe_upcycle_noise < 0:
-        fail(f"--moe-upcycle-noise must be >= 0, got {args.moe_upcycle_noise}")
-    starts_exact = (
-        str(args.moe_expert_placement) == "parallel"
-        or str(args.moe_expert_type) == "lora"
-        or str(args.moe_routing) == "dense"
-    )  # the experts add nothing at first, or the combine weights sum to 1
-    if args.moe_init_from_dense and not args.moe_normalize_top_k and not starts_exact:
-        logger.warning(
-            "--moe-init-from-dense without --moe-normalize-top-k: the experts' outputs are "
-            "weighted by raw router probabilities (about 1/E at first), so the upcycled model "
-            "does not start from what the dense model computes"
-        )
-    if args.moe_top_k == 1 and args.moe_normalize_top_k:
-        logger.warning(
-            "--moe-normalize-top-k with --moe-top-k 1 makes every gate weight 1: "
-            "the router then learns only from the balance and z losses"
-        )
-
-
-def _validate_adapters(args: Namespace, fail) -> None:
-    """LoRA experts, the parallel placement, the frozen base and adapter-only checkpoints."""
-    lora = str(args.moe_expert_type) == "lora"
-    if lora:
-        if args.moe_lora_rank < 1:
-            fail(f"--moe-lora-rank must be >= 1, got {args.moe_lora_rank}")
-        if not args.moe_lora_alpha > 0:
-            fail(f"--moe-lora-alpha must be > 0, got {args.moe_lora_alpha}")
-        if not 0.0 <= args.moe_lora_dropout < 1.0:
-            fail(f"--moe-lora-dropout must be in [0, 1), got {args.moe_lora_dropout}")
-        if str(args.moe_expert_placement) == "parallel":
-            fail(
-                "--moe-expert-type lora already adds each expert's deltas to the layer's frozen "
-                "FFN; use it with --moe-expert-placement replace"
-            )
-        if args.moe_expert_parallel_size > 1:
-            fail("--moe-expert-type lora does not support --moe-expert-parallel-size > 1")
-        for flag in ("moe_expert_ffn_dim", "moe_activation_fn"):
-            if getattr(args, flag) is not None:
-                fail(
-                    f"--{flag.replace('_', '-')} does not apply to --moe-expert-type lora: "
-                    "LoRA experts share the layer's dense FFN (its size and activation)"
-                )
-    upcycled = bool(args.moe_init_from_dense or getattr(args, "moe_upcycled_from", None))
-    if args.moe_save_trainable_only:
-        if not args.moe_freeze_base:
-            fail("--moe-save-trainable-only needs --moe-freeze-base (else everything is trained)")
-        if not (args.moe_init_from_dense or getattr(args, "moe_base_sha256", None)):
-            fail(
-                "--moe-save-trainable-only needs --moe-init-from-dense: the dense checkpoint "
-                "the frozen weights come from, which adapter-only checkpoints refer to"
-            )
-    if args.moe_freeze_base and not upcycled:
-        logger.warning(
-            "--moe-freeze-base without --moe-init-from-dense freezes a randomly initialised base"
-        )
-    if args.moe_train_heads and not args.moe_freeze_base:
-        logger.warning("--moe-train-heads has no effect without --moe-freeze-base")
-    if str(args.moe_routing) == "dense" and str(args.moe_balance_loss) == "switch":
-        logger.warning(
-            "--moe-routing dense with --moe-balance-loss switch: under dense routing every "
-            "expert gets every token, so the Switch loss is constant (1) and balances nothing; "
-            "--moe-balance-loss mse balances the routing probabilities"
-        )
-
-
-# fairseq DDP backends that leave the expert shards (``p.expert``) out of their all-reduce.
-EXPERT_PARALLEL_DDP_BACKENDS = ("c10d", "pytorch_ddp", "legacy_ddp", "no_c10d")
-
-
-def _validate_int8(args: Namespace, fail) -> None:
-    """int8 models are built by fairseq-moe-quantize for CPU inference: no training options."""
-    mode = str(args.moe_int8)
-    if mode == "off":
-        return
-    if str(args.moe_expert_type) == "lora":
-        fail(f"--moe-int8 {mode} supports FFN experts only, not --moe-expert-type lora")
-    if args.moe_expert_parallel_size > 1:
-        fail(f"--moe-int8 {mode} runs on one process: --moe-expert-parallel-size must be 1")
-    if args.moe_freeze_base or args.moe_save_trainable_only:
-        fail(
-            f"--moe-int8 {mode} is for inference: not with --moe-freeze-base/--moe-save-trainable-only"
-        )
-
-
-def _validate_expert_parallel(args: Namespace, fail) -> None:
-    """The settings --moe-expert-parallel-size P > 1 needs (``fail`` raises with the arch)."""
-    size = args.moe_expert_parallel_size  # >= 1 and dividing E: check_routing_options
-    if size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return  # one process holds every expert (a checkpoint trained with P > 1 loads so)
-    try:  # the layout's own check that P divides the number of processes (builds the groups)
-        expert_parallel_groups(size)
-    except ValueError as err:
-        fail(str(err))
-    backend = str(getattr(args, "ddp_backend", "pytorch_ddp"))
-    if backend not in EXPERT_PARALLEL_DDP_BACKENDS:
-        fail(
-            f"--ddp-backend {backend} cannot keep sharded experts out of its all-reduce; "
-            f"use one of {', '.join(EXPERT_PARALLEL_DDP_BACKENDS)} with --moe-expert-parallel-size"
-        )
-    flat_fp16 = (getattr(args, "fp16", False) or getattr(args, "bf16", False)) and not (
-        getattr(args, "memory_efficient_fp16", False)
-        or getattr(args, "memory_efficient_bf16", False)
-        or getattr(args, "fp16_no_flatten_grads", False)
-    )
-    if flat_fp16:
-        fail(
-            "--fp16/--bf16 flatten every parameter into one fp32 buffer, which cannot hold "
-            "sharded experts apart; add --fp16-no-flatten-grads (or use "
-            "--memory-efficient-fp16/--memory-efficient-bf16) with --moe-expert-parallel-size"
-        )
-    if getattr(args, "eval_bleu", False):
-        fail(
-            "--eval-bleu generates a different number of steps on each process, which the "
-            "experts' all-to-all cannot follow; score with fairseq-generate after training"
-        )
-    layerdrop = (
-        getattr(args, "encoder_layerdrop", 0) or 0,
-        getattr(args, "decoder_layerdrop", 0) or 0,
-    )
-    if any(layerdrop):
-        fail(
-            "LayerDrop skips different layers on different processes, which the experts' "
-            "all-to-all cannot follow; set --encoder-layerdrop 0 --decoder-layerdrop 0"
-        )

@@ -87,7 +87,7 @@ class MoERobertaModel(AdapterCheckpointMixin, NumUpdatesMixin, RobertaModel):
     @classmethod
     def build_model(cls, args, task):
         moe_roberta_architecture(args)
-        validate_moe_args(args)
+        validate_moe_args(args, has_decoder=False)
         if not safe_hasattr(args, "max_positions"):
             if not safe_hasattr(args, "tokens_per_sample"):
                 args.tokens_per_sample = task.max_positions()

@@ -5,11 +5,14 @@ place:
 
 - every MoE layer's stacked experts become ``Int8StackedExperts`` (int8 per expert and output
   channel, ``modules/int8_experts.py``);
-- every other ``nn.Linear`` (attention projections, dense FFNs, an untied output projection,
-  the LM head's dense layer) becomes torch's dynamic-quantised linear
-  (``torch.ao.quantization.quantize_dynamic`` with per-channel int8 weights);
+- every other ``nn.Linear`` (attention projections, dense FFNs, the shared experts' fc1/fc2 and
+  the CMR dense FFN, an untied output projection, the LM head's dense layer) becomes torch's
+  dynamic-quantised linear (``torch.ao.quantization.quantize_dynamic`` with per-channel int8
+  weights);
 - the routers (``gate.wg``) stay fp32: the routing decision is what an MoE is most sensitive to,
-  and a router is d_model x E, a negligible share of the weights; so do the classification heads
+  and a router is d_model x E, a negligible share of the weights; so do the other per-token
+  gates (the shared experts' ``moe.shared.gate`` and the CMR gate ``cmr_gate``, d_model x 1,
+  which the layers compute in fp32); so do the classification heads
   (fairseq's RoBERTa re-creates them from their fp32 weight names when it loads a checkpoint),
   the embeddings, and an output projection tied to them (its int8 copy would add bytes, not save
   them).
@@ -41,6 +44,7 @@ def _kept_fp32(name: str, module: nn.Linear, tied: set[int]) -> bool:
     return (
         name.endswith(".gate.wg")
         or name == "gate.wg"
+        or name.endswith(("shared.gate", "cmr_gate"))
         or "classification_heads" in name
         or id(module.weight) in tied
     )

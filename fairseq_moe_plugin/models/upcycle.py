@@ -12,6 +12,22 @@ zero); with ``--moe-expert-type lora`` the dense FFN becomes the LoRA experts' s
 and the low-rank deltas start as initialised (B zero). Either way the model first computes what
 the dense one did.
 
+Shared experts (``--moe-shared-experts N``, ``modules/shared_experts.py``) are copies of the
+dense FFN too: their fc1 is the dense fc1 repeated N times (their N hidden layers side by side),
+their fc2 the dense fc2 repeated N times. So that the upcycled model with
+``--moe-normalize-top-k`` starts as the dense model, the routed and the shared part each give half
+of the dense output: every routed copy's fc2 (weight and bias) is scaled by 1/2, the shared
+experts' fc2 weight by 1/(2N) (summed over the N copies: 1/2) and its bias by 1/2; with the
+shared-expert gate, which starts at zero (sigmoid(0) = 1/2), the shared fc2 by 1/N and its bias
+by 1. Every factor depends on the tensor's own name and shape only, so an adapter-only checkpoint
+(``adapter_checkpoint.py``) rebuilds the same values from the base. Identical copies stay
+identical in training unless something breaks their symmetry: ``--moe-upcycle-noise`` adds noise
+to the shared copies as to the routed ones. The gates new to the MoE model start at zero: the
+shared-expert gate and, with ``--moe-cmr``, the CMR gate (every token mixes the dense FFN, which
+keeps its fairseq names ``fc1``/``fc2`` and is copied, and the MoE output half and half: both
+are the dense output at first). The router's bias-balancing buffers start at zero, as built.
+Expert-choice routing upcycles as top-k does (a token no expert takes gets only the shared part).
+
 Sources: a dense ``transformer`` checkpoint (for ``moe_transformer``, or its encoder for
 ``moe_roberta``) or a RoBERTa-style ``roberta`` checkpoint (for ``moe_roberta``).
 """
@@ -38,8 +54,19 @@ LORA_BASE_SOURCES = {  # LoRA experts' shared frozen FFN (``LoRAExperts``) -> th
     "moe.experts.fc2.weight": "fc2.weight",
     "moe.experts.fc2.bias": "fc2.bias",
 }
-# The router (weights, bias, usage EMA, schedule count) starts as configured, never from dense.
-ROUTER = re.compile(r"\.moe\.gate\.(wg\.weight|wg\.bias|usage_ema|routing_updates)$")
+SHARED_SOURCES = {  # shared experts (one FFN of width N*F) -> the dense FFN, tiled along dim
+    "moe.shared.fc1.weight": ("fc1.weight", 0),
+    "moe.shared.fc1.bias": ("fc1.bias", 0),
+    "moe.shared.fc2.weight": ("fc2.weight", 1),
+    "moe.shared.fc2.bias": ("fc2.bias", None),
+}
+# Gates new to the MoE model that start at zero (see the module doc), never from dense.
+ZERO_INIT = re.compile(r"\.(moe\.shared\.gate\.weight|cmr_gate\.weight|cmr_gate\.bias)$")
+# The router (weights, bias, usage EMA, schedule count, bias-balancing buffers) starts as
+# configured, never from dense.
+ROUTER = re.compile(
+    r"\.moe\.gate\.(wg\.weight|wg\.bias|usage_ema|routing_updates|balance_bias|balance_load)$"
+)
 # Parameters a dense source may lack: new heads, an LM head when the source is a translation
 # encoder, and LoRA deltas.
 MAY_BE_NEW = re.compile(
@@ -75,31 +102,52 @@ def _find(dense: dict, name: str):
     return None
 
 
-def dense_source(name: str, names: set[str]) -> tuple[str | None, bool]:
-    """Where the model's tensor ``name`` comes from in a dense checkpoint: the dense name to
-    look up (None: not from the dense model: a router, or stacked experts placed beside a
-    dense FFN, which start as initialised) and whether it is copied into every expert.
-    ``names``: all the model's state-dict names."""
-    if ROUTER.search(name):
-        return None, False
+def _mapping(name: str, names: set[str]) -> tuple[str | None, str, float]:
+    """How the model's tensor ``name`` comes from a dense checkpoint: ``(dense name or None,
+    how, scale)``, ``how`` one of ``copy``, ``stack`` (into every expert), ``tile0``/``tile1``
+    (repeated along that dim, shared experts; fc2 weight further divided by the number of
+    copies), ``sum`` (the shared fc2 bias: the sum of the copies' biases); the value is
+    multiplied by ``scale`` (module doc). None: not from the dense model."""
+    if ROUTER.search(name) or ZERO_INIT.search(name):
+        return None, "copy", 1.0
     for suffix, source in EXPERT_SOURCES.items():
         if name.endswith(suffix):
             layer = name[: -len(suffix)]
-            if layer + "fc1.weight" in names:  # --moe-expert-placement parallel
-                return None, False
-            return layer + source, True
+            parallel = layer + "fc1.weight" in names and layer + "cmr_gate.weight" not in names
+            if parallel:  # --moe-expert-placement parallel: the experts start as initialised
+                return None, "copy", 1.0
+            shared = layer + "moe.shared.fc1.weight" in names
+            return layer + source, "stack", 0.5 if shared and "fc2" in suffix else 1.0
+    for suffix, (source, dim) in SHARED_SOURCES.items():
+        if name.endswith(suffix):
+            layer = name[: -len(suffix)]
+            gated = layer + "moe.shared.gate.weight" in names
+            scale = 1.0 if "fc1" in suffix else (1.0 if gated else 0.5)
+            return layer + source, "sum" if dim is None else f"tile{dim}", scale
     for suffix, source in LORA_BASE_SOURCES.items():
         if name.endswith(suffix):
-            return name[: -len(suffix)] + source, False
-    return name, False
+            return name[: -len(suffix)] + source, "copy", 1.0
+    return name, "copy", 1.0
+
+
+def dense_source(name: str, names: set[str]) -> tuple[str | None, bool]:
+    """Where the model's tensor ``name`` comes from in a dense checkpoint: the dense name to
+    look up (None: not from the dense model: a router, a new gate, or stacked experts placed
+    beside a dense FFN, which start as initialised) and whether it is copied into every expert.
+    ``names``: all the model's state-dict names."""
+    wanted, how, _ = _mapping(name, names)
+    return wanted, how == "stack"
 
 
 def dense_tensor(dense: dict, name: str, shape, names: set[str], source: str):
     """The value the model's tensor ``name`` (of ``shape``) takes from ``dense`` (expanded over
-    the experts for stacked expert weights), or None when it does not come from it. Raises
-    ValueError naming the parameter when the weight is missing (and may not be new) or has
-    another shape."""
-    wanted, stacked = dense_source(name, names)
+    the experts for stacked expert weights, tiled for shared experts, scaled as the module doc
+    says; zeros for the gates that start at zero) and the dense name it came from (None for
+    those zeros), or None when it does not come from it. Raises ValueError naming the parameter
+    when the weight is missing (and may not be new) or has another shape."""
+    if ZERO_INIT.search(name):
+        return torch.zeros(shape), None
+    wanted, how, scale = _mapping(name, names)
     if wanted is None:
         return None
     found = _find(dense, wanted)
@@ -109,8 +157,21 @@ def dense_tensor(dense: dict, name: str, shape, names: set[str], source: str):
         what = "dense FFN weight" if wanted != name else "weight"
         raise ValueError(f"{source} has no {what} for {name} (looked for {wanted})")
     value = dense[found]
-    _check_shape(name, tuple(shape[1:] if stacked else shape), found, value, source)
-    return (value.unsqueeze(0).expand(shape) if stacked else value), found
+    if how == "stack":
+        _check_shape(name, tuple(shape[1:]), found, value, source)
+        value = value.unsqueeze(0).expand(shape)
+    elif how.startswith("tile"):
+        dim = int(how[-1])
+        copies = shape[dim] // value.shape[dim] if value.dim() == len(shape) else 0
+        tiled = tuple(value.shape[d] * (copies if d == dim else 1) for d in range(value.dim()))
+        if copies < 1 or tiled != tuple(shape):
+            _check_shape(name, tuple(shape), found, value, source)  # raises, naming both
+        value = torch.cat([value] * copies, dim=dim)
+        if dim == 1:  # the fc2 of N copies sums them: each gets 1/N of the shared part
+            scale = scale / copies
+    else:
+        _check_shape(name, tuple(shape), found, value, source)
+    return (value * scale if scale != 1.0 else value), found
 
 
 def upcycle(model: torch.nn.Module, dense: dict, noise: float = 0.0, router_init: str = "random",
@@ -137,16 +198,22 @@ def upcycle(model: torch.nn.Module, dense: dict, noise: float = 0.0, router_init
                 continue
             value, dense_name = found
             target.copy_(value.to(target.dtype))
+            if dense_name is None:  # a gate that starts at zero
+                continue
             used.add(dense_name)
-            suffix = next((s for s in EXPERT_SOURCES if name.endswith(s)), None)
-            if suffix is None:
+            _, how, scale = _mapping(name, names)
+            if how == "copy":
                 copied += 1
                 continue
             experts += 1
-            if noise > 0 and suffix.endswith("weight"):
-                stack = model.get_submodule(name[: -len(suffix)] + "moe.experts")
-                std = noise * float(dense[dense_name].float().std())
-                stack.add_noise_(suffix.rsplit(".", 1)[1], std)
+            if noise > 0 and name.endswith("weight"):
+                std = noise * scale * float(dense[dense_name].float().std())
+                if how == "stack":
+                    suffix = next(s for s in EXPERT_SOURCES if name.endswith(s))
+                    stack = model.get_submodule(name[: -len(suffix)] + "moe.experts")
+                    stack.add_noise_(suffix.rsplit(".", 1)[1], std)
+                else:  # shared experts: one draw of the global RNG per weight
+                    target.add_(torch.randn(target.shape).mul_(std).to(target.dtype))
     unused = sorted(set(dense) - used)
     logger.info(
         f"upcycled from {source}: {copied} tensors copied, {experts} expert tensors from dense "

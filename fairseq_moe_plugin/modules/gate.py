@@ -22,91 +22,30 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def expert_counts(expert_index: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """How many entries of ``expert_index`` (any shape) name each expert: E long.
-
-    ``torch.bincount`` would do, but on CUDA it reads the largest index back to size its output
-    (a host sync per call); a scatter-add into E zeros does not."""
-    flat = expert_index.reshape(-1)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
-
-
-def load_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer load-balancing loss.
-
-    Fedus, Zoph & Shazeer (2021), "Switch Transformers", eq. 4-6:
-    ``loss = E * sum_i f_i * P_i`` where ``f_i`` is the fraction of routing choices sent to expert
-    ``i`` (counted over all k choices of every token, divided by k, before capacity drops) and
-    ``P_i`` the mean router probability of expert ``i`` (the full softmax). Both are over the
-    tokens given, which must be non-padding tokens. It equals 1.0 when routing is uniform.
-
-    Args:
-        probs: N x E softmax probabilities (fp32).
-        expert_index: N x k chosen experts.
-    Returns:
-        a scalar; 0 when there are no tokens.
-    """
-    num_tokens, num_experts = probs.shape
-    if num_tokens == 0:
-        return probs.sum() * 0.0
-    k = expert_index.shape[1]
-    counts = expert_counts(expert_index, num_experts)
-    f = counts.to(probs.dtype) / (num_tokens * k)  # E
-    p = probs.mean(dim=0)  # E
-    return num_experts * torch.sum(f * p)
-
-
-def mse_balance_loss(probs: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance between the batch's mean routing probability and uniform:
-    ``mean_i (P_i - 1/E)^2`` with ``P_i = mean_tokens probs[:, i]``.
-
-    The balance loss of the GLBL design (expert MLPs added to a frozen pretrained model, with a
-    global load balance over the batch). It is the squared coefficient of variation of expert
-    importance of Shazeer et al. (2017), "Outrageously Large Neural Networks", eq. 6-7
-    (``CV(Importance)^2`` with ``Importance_i = sum_tokens probs[:, i]``), divided by ``E^2``:
-    ``CV^2 = Var(P) / mean(P)^2 = E^2 * mean_i (P_i - 1/E)^2``. It is 0 when the mean routing
-    probability is uniform, and, unlike the Switch loss, it has a gradient under dense routing.
-
-    Args:
-        probs: N x E softmax probabilities (fp32), non-padding tokens only.
-    Returns:
-        a scalar; 0 when there are no tokens.
-    """
-    num_tokens, num_experts = probs.shape
-    if num_tokens == 0:
-        return probs.sum() * 0.0
-    return (probs.mean(dim=0) - 1.0 / num_experts).pow(2).mean()
-
+from .router_losses import (  # noqa: F401 (re-exported: the gate's public names)
+    RouterLosses,
+    expert_counts,
+    load_balance_loss,
+    mse_balance_loss,
+    router_z_loss,
+    routing_entropy,
+)
+from .routing_methods import (
+    CAPACITY_PRIORITIES,  # noqa: F401 (re-exported)
+    bias_balancing_step,
+    check_method_options,
+    expert_choice_capacity,
+    expert_choice_keep,
+    random_keep_mask,
+)
 
 BALANCE_LOSSES = ("switch", "mse")
-ROUTINGS = ("topk", "dense")
-
-
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Router z-loss, ST-MoE (Zoph et al., 2022, "ST-MoE: Designing Stable and Transferable
-    Sparse Expert Models"), eq. 5: ``mean_tokens( logsumexp_j(logits_j) ^ 2 )``.
-
-    Args:
-        logits: N x E router logits (fp32), non-padding tokens only.
-    Returns:
-        a scalar; 0 when there are no tokens.
-    """
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
-
-
-def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy ``-sum_j p_j log p_j`` of the router distribution (nats); N -> N."""
-    return -(probs * torch.log(probs.clamp_min(1e-20))).sum(dim=-1)
+ROUTINGS = ("topk", "dense", "expert_choice")
 
 
 def check_routing_options(
@@ -229,41 +168,6 @@ def capacity_keep_mask(
     return keep_rm.view(k, num_tokens).t()
 
 
-class RouterLosses:
-    """The router statistics that only training and analysis read, computed on first access
-    from the ``logits``, ``probs`` and ``expert_index`` of the class using it (``GateOutput``,
-    ``MoERecord``), so that inference (a decoding step) pays for none of them."""
-
-    logits: torch.Tensor  # N x E
-    probs: torch.Tensor  # N x E
-    expert_index: torch.Tensor  # N x k
-    balance_type: str  # "switch" or "mse" (BALANCE_LOSSES)
-
-    @cached_property
-    def logits_finite(self) -> torch.Tensor:
-        """Scalar bool: no logit is NaN or inf (checked by the criterion), counting the tokens
-        whose non-finite logits the fallback expert replaced (eval mode: validation must still
-        see a broken router)."""
-        finite = torch.isfinite(self.logits.detach()).all()
-        fallback = getattr(self, "fallback_tokens", None)
-        if fallback is not None:
-            finite = finite & (fallback == 0)
-        return finite
-
-    @cached_property
-    def balance_loss(self) -> torch.Tensor:
-        """Scalar, differentiable: Switch eq. 4-6 (``load_balance_loss``), or the MSE to uniform
-        (``mse_balance_loss``) when ``balance_type`` is ``mse``."""
-        if self.balance_type == "mse":
-            return mse_balance_loss(self.probs)
-        return load_balance_loss(self.probs, self.expert_index)
-
-    @cached_property
-    def z_loss(self) -> torch.Tensor:
-        """Scalar, differentiable: ST-MoE eq. 5 (``router_z_loss``)."""
-        return router_z_loss(self.logits)
-
-
 @dataclass
 class GateOutput(RouterLosses):
     """What the gate decides for N tokens (all fp32); the losses are ``RouterLosses``'."""
@@ -276,6 +180,8 @@ class GateOutput(RouterLosses):
     capacity: int  # per-expert capacity used (N when dropless)
     balance_type: str = "switch"  # which balance loss ``balance_loss`` computes
     dense: bool = False  # dense routing: k = E, every expert weighted by its probability
+    # expert choice: expert_index is N x E (every expert), keep marks the tokens each expert took
+    expert_choice: bool = False
     # 0-dim long: tokens whose router logits were not finite and went to the fallback expert
     # (eval only, ``fallback_expert >= 0``); None when no fallback is applied.
     fallback_tokens: torch.Tensor | None = None
@@ -324,6 +230,17 @@ class TopKGate(nn.Module):
             alone, with weight 1, and counted in ``fallback_tokens``, so that one bad token
             cannot poison the routing of the rest of its batch; -1 turns this off. Training
             never falls back: there a non-finite router must surface (the criteria check it).
+        expert_capacity_factor: under ``routing="expert_choice"``, every expert takes
+            ``ceil(factor * N / E)`` tokens (``routing_methods.expert_choice_keep``).
+        capacity_priority: ``rank_prob`` (the module's documented priority) or ``random``
+            (``routing_methods.random_keep_mask``), used in training when capacity binds; eval
+            mode always uses ``rank_prob``, so that inference is reproducible.
+        bias_balancing_rate: auxiliary-loss-free balancing (``routing_methods.
+            bias_balancing_step``): a per-expert bias (buffer ``balance_bias``) added to the
+            logits for the top-k selection only; the loads of an update are accumulated with
+            ``accumulate_balance_load`` (buffer ``balance_load``, the MoE criteria do it after
+            each training forward) and applied when fairseq starts the next update
+            (``set_num_updates``), summed over all workers first; 0 = off.
     """
 
     def __init__(
@@ -342,11 +259,24 @@ class TopKGate(nn.Module):
         balance_loss: str = "switch",
         usage_ema: float = 0.0,
         fallback_expert: int = 0,
+        expert_capacity_factor: float = 2.0,
+        capacity_priority: str = "rank_prob",
+        bias_balancing_rate: float = 0.0,
     ):
         super().__init__()
         check_routing_options(num_experts, k, jitter_eps)
         check_router_options(routing, dense_until, temperature, balance_loss, usage_ema)
         check_fallback_expert(fallback_expert, num_experts)
+        check_method_options(
+            routing, expert_capacity_factor, capacity_priority, bias_balancing_rate
+        )
+        self.expert_capacity_factor = expert_capacity_factor
+        self.capacity_priority = capacity_priority
+        self.bias_balancing_rate = bias_balancing_rate
+        if bias_balancing_rate > 0:
+            self.register_buffer("balance_bias", torch.zeros(num_experts))
+            self.register_buffer("balance_load", torch.zeros(num_experts))
+        self._balance_seen_update: int | None = None  # the update whose loads balance_load holds
         self.fallback_expert = fallback_expert
         self.num_experts = num_experts
         self.k = k
@@ -368,10 +298,43 @@ class TopKGate(nn.Module):
             self.register_buffer("usage_ema", torch.full((num_experts,), 1.0 / num_experts))
 
     def set_num_updates(self, num_updates: int) -> None:
-        """fairseq calls this before every update (``BaseFairseqModel.set_num_updates``); only
-        the maturity schedule (``dense_until``) reads it."""
+        """fairseq calls this before every training batch (``FairseqTask.train_step``) and when
+        it loads a checkpoint, on every worker alike. The maturity schedule (``dense_until``)
+        reads the count; bias balancing applies the previous update's loads when the count
+        moves on (``apply_balance_update``)."""
         if self.dense_until > 0:
             self.routing_updates.fill_(int(num_updates))
+        if self.bias_balancing_rate > 0 and num_updates != self._balance_seen_update:
+            if self._balance_seen_update is not None or bool(self.balance_load.any()):
+                self.apply_balance_update()
+            self._balance_seen_update = num_updates
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A loaded ``balance_load`` holds the loads of the update the checkpoint was saved
+        after, whose bias step is still due: the next ``set_num_updates`` applies it."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._balance_seen_update = None
+
+    @torch.no_grad()
+    def accumulate_balance_load(self, load: torch.Tensor) -> None:
+        """Add one training batch's E expert loads (the router's assignments, before capacity)
+        to ``balance_load``; the criterion calls it after the forward, so a recomputed forward
+        (activation checkpointing) cannot count a batch twice."""
+        self.balance_load.add_(load.to(self.balance_load.dtype))
+
+    @torch.no_grad()
+    def apply_balance_update(self) -> None:
+        """One bias step from the loads accumulated since the last one (summed over all workers
+        when torch.distributed is initialised: every worker calls this at the same update), then
+        start accumulating afresh. No host sync."""
+        load = self.balance_load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(load)
+        self.balance_bias.copy_(
+            bias_balancing_step(self.balance_bias, load, self.bias_balancing_rate)
+        )
+        self.balance_load.zero_()
 
     @property
     def routes_densely(self) -> bool:
@@ -412,10 +375,20 @@ class TopKGate(nn.Module):
             probs = torch.softmax(logits, dim=-1)  # N x E
             if self.routes_densely:
                 return self._dense(logits, probs, fallback_tokens)
-            top_prob, top_index = torch.topk(probs, self.k, dim=-1)  # N x k, best first
+            if self.routing == "expert_choice":
+                return self._expert_choice(logits, probs, fallback_tokens)
+            if self.bias_balancing_rate > 0:  # the bias picks the experts, never weighs them
+                select = logits + self.balance_bias  # N x E
+                top_index = torch.topk(select, self.k, dim=-1).indices  # N x k, best first
+                top_prob = probs.gather(1, top_index)  # N x k, unbiased
+            else:
+                top_prob, top_index = torch.topk(probs, self.k, dim=-1)  # N x k, best first
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             capacity = expert_capacity(x.shape[0], self.num_experts, self.k, factor)
-            keep = capacity_keep_mask(top_index, top_prob.detach(), self.num_experts, capacity)
+            if self.training and self.capacity_priority == "random":
+                keep = random_keep_mask(top_index, self.num_experts, capacity)
+            else:
+                keep = capacity_keep_mask(top_index, top_prob.detach(), self.num_experts, capacity)
             weight = top_prob
             if self.normalize_top_k:
                 weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-9)
@@ -431,6 +404,31 @@ class TopKGate(nn.Module):
                 balance_type=self.balance_type,
                 fallback_tokens=fallback_tokens,
             )
+
+    def _expert_choice(
+        self, logits: torch.Tensor, probs: torch.Tensor, fallback_tokens: torch.Tensor | None
+    ) -> GateOutput:
+        """Each expert takes its top-C tokens by probability (``expert_choice_keep``); a token's
+        weight for an expert that took it is its probability (renormalised over the experts
+        that took it with ``normalize_top_k``), 0 elsewhere (logits, probs: N x E)."""
+        num_tokens = probs.shape[0]
+        capacity = expert_choice_capacity(num_tokens, self.num_experts, self.expert_capacity_factor)
+        keep = expert_choice_keep(probs.detach(), capacity)  # N x E
+        weight = probs * keep.to(probs.dtype)  # N x E
+        if self.normalize_top_k:
+            weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        index = torch.arange(self.num_experts, device=probs.device)
+        return GateOutput(
+            logits=logits,
+            probs=probs,
+            expert_index=index.expand(num_tokens, -1),  # N x E
+            expert_weight=weight,
+            keep=keep,
+            capacity=capacity,
+            balance_type=self.balance_type,
+            expert_choice=True,
+            fallback_tokens=fallback_tokens,
+        )
 
     def _dense(
         self, logits: torch.Tensor, probs: torch.Tensor, fallback_tokens: torch.Tensor | None
@@ -457,5 +455,8 @@ class TopKGate(nn.Module):
             f"eval_capacity_factor={self.eval_capacity_factor}, jitter_eps={self.jitter_eps}, "
             f"routing={self.routing}, dense_until={self.dense_until}, "
             f"temperature={self.temperature}, balance_loss={self.balance_type}, "
-            f"usage_ema={self.usage_ema_decay}, fallback_expert={self.fallback_expert}"
+            f"usage_ema={self.usage_ema_decay}, fallback_expert={self.fallback_expert}, "
+            f"expert_capacity_factor={self.expert_capacity_factor}, "
+            f"capacity_priority={self.capacity_priority}, "
+            f"bias_balancing_rate={self.bias_balancing_rate}"
         )

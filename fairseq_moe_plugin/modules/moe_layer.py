@@ -5,6 +5,12 @@ assignments that survive capacity are sorted by expert (``DispatchPlan``), each 
 contiguous slice, and each token sums its weighted outputs (``grouped_ffn``). No one-hot
 ``tokens x experts x capacity`` tensor is ever built, so memory grows with the number of
 assignments, not with T*E*C.
+
+Beside the routed experts the layer may hold shared experts (``shared_experts.py``; DeepSeekMoE,
+Dai et al. 2024, eq. 9: ``y = sum_shared FFN(x) + sum_routed g FFN(x)``) and apply expert output
+masking to the routed part in training (EOM, NLLB Team 2022, "No Language Left Behind", sec. 6.2:
+each token's routed output is zeroed with probability p, the kept ones scaled by 1/(1-p), as
+dropout of whole tokens).
 """
 
 from __future__ import annotations
@@ -17,27 +23,44 @@ from .experts import StackedExperts
 from .gate import TopKGate
 from .grouped_ffn import DispatchPlan
 from .record import MoERecord
+from .shared_experts import SharedExperts
 
 
 class MoELayer(nn.Module):
-    """A top-k MoE FFN: ``y = sum_{j<k} w_j * expert_{e_j}(x)`` per token, zero for padding and
-    for dropped assignments.
+    """A top-k MoE FFN: ``y = m * sum_{j<k} w_j * expert_{e_j}(x) + shared(x)`` per token, zero
+    for padding; dropped assignments add nothing; ``m`` is the EOM mask (1 outside training).
 
     Args:
         gate: the router.
         experts: the stacked experts (``experts.num_experts == gate.num_experts``).
         name: the name put in this layer's routing records.
+        shared: shared experts every token passes through (``--moe-shared-experts``), or None
+            (no module: the state dict and the output are the plain MoE layer's).
+        eom: expert output masking probability p in [0, 1) (``--moe-eom``): in training each
+            token's routed output is zeroed with probability p and the kept ones are scaled by
+            1/(1-p); the shared experts are not masked. No random draw at p = 0 or in eval.
     """
 
-    def __init__(self, gate: TopKGate, experts: StackedExperts, name: str = "moe"):
+    def __init__(
+        self,
+        gate: TopKGate,
+        experts: StackedExperts,
+        name: str = "moe",
+        shared: SharedExperts | None = None,
+        eom: float = 0.0,
+    ):
         super().__init__()
         if gate.num_experts != experts.num_experts:
             raise ValueError(
                 f"gate has {gate.num_experts} experts but experts has {experts.num_experts}"
             )
+        if not 0.0 <= eom < 1.0:
+            raise ValueError(f"expert output masking (--moe-eom) must be in [0, 1), got {eom}")
         self.gate = gate
         self.experts = experts
         self.name = name
+        self.shared = shared  # a submodule only when present: else the state dict is unchanged
+        self.eom = eom
 
     @property
     def num_experts(self) -> int:
@@ -77,6 +100,10 @@ class MoELayer(nn.Module):
             y_tokens = expert_parallel_ffn(
                 tokens, plan, gate_out.expert_weight, self.experts, groups
             )
+        if self.training and self.eom > 0:
+            y_tokens = expert_output_mask(y_tokens, self.eom)
+        if self.shared is not None:
+            y_tokens = y_tokens + self.shared(tokens).to(y_tokens.dtype)  # N x C
 
         if token_index is not None:
             y = y_tokens.new_zeros(x.shape).index_copy(0, token_index, y_tokens)
@@ -96,8 +123,16 @@ class MoELayer(nn.Module):
             balance_type=gate_out.balance_type,
             dense=gate_out.dense,
             fallback_tokens=gate_out.fallback_tokens,
+            expert_choice=gate_out.expert_choice,
         )
         return y.view(shape), record
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}"
+        return f"name={self.name!r}" + (f", eom={self.eom}" if self.eom > 0 else "")
+
+
+def expert_output_mask(y: torch.Tensor, p: float) -> torch.Tensor:
+    """EOM (NLLB Team 2022, sec. 6.2): each row (token) of y (N x C) zeroed with probability
+    p, the kept rows scaled by 1/(1-p), so the expected output is unchanged."""
+    keep = torch.empty(y.shape[0], 1, device=y.device, dtype=y.dtype).bernoulli_(1.0 - p)
+    return y * keep / (1.0 - p)  # N x C

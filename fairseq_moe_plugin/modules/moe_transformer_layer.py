@@ -36,12 +36,34 @@ from .gate import TopKGate
 from .lora_experts import LoRAExperts
 from .moe_layer import MoELayer
 from .record import MoERecord
+from .shared_experts import CMR_CONFLICT, SHARED_CONFLICT, SharedExperts, cmr_gate_values
 
 
 def build_moe_layer(
-    moe_cfg, d_model: int, ffn_dim: int, activation_fn: str, activation_dropout: float, name: str
+    moe_cfg,
+    d_model: int,
+    ffn_dim: int,
+    activation_fn: str,
+    activation_dropout: float,
+    name: str,
+    causal: bool = False,
 ) -> MoELayer:
-    """An MoE layer from the model's MoE options (see ``MoEConfig``) and the layer's sizes."""
+    """An MoE layer from the model's MoE options (see ``MoEConfig``) and the layer's sizes.
+
+    ``causal``: the layer is in a decoder, where a position may not see later ones; it routes
+    by ``--moe-decoder-routing`` (default ``--moe-routing``), and expert-choice routing is
+    refused there (ValueError): an expert picks its top C tokens of the whole batch, so a
+    position's output would depend on the positions after it."""
+    routing = str(moe_cfg.moe_routing)
+    if causal and getattr(moe_cfg, "moe_decoder_routing", None) is not None:
+        routing = str(moe_cfg.moe_decoder_routing)
+    if causal and routing == "expert_choice":
+        raise ValueError(
+            f"{name}: expert-choice routing is not causal (each expert picks its top C tokens "
+            "among all the positions of the batch, so a decoder position's output would depend "
+            "on the positions after it, which step-by-step generation does not have); use it in "
+            "the encoder only: --moe-routing expert_choice --moe-decoder-routing topk"
+        )
     gate = TopKGate(
         d_model,
         moe_cfg.moe_expert_count,
@@ -50,14 +72,19 @@ def build_moe_layer(
         capacity_factor=moe_cfg.moe_capacity_factor,
         eval_capacity_factor=moe_cfg.moe_eval_capacity_factor,
         jitter_eps=moe_cfg.moe_jitter_eps,
-        routing=str(moe_cfg.moe_routing),
+        routing=routing,
         dense_until=moe_cfg.moe_dense_routing_until,
         temperature=moe_cfg.moe_router_temperature,
         router_bias=moe_cfg.moe_router_bias,
         balance_loss=str(moe_cfg.moe_balance_loss),
         usage_ema=moe_cfg.moe_usage_ema,
         fallback_expert=moe_cfg.moe_fallback_expert,
+        expert_capacity_factor=moe_cfg.moe_expert_capacity_factor,
+        capacity_priority=str(moe_cfg.moe_capacity_priority),
+        # the bias balances top-k layers; an expert-choice encoder beside them has none
+        bias_balancing_rate=moe_cfg.moe_bias_balancing_rate if routing == "topk" else 0.0,
     )
+    expert_activation = moe_cfg.moe_activation_fn or activation_fn
     if str(moe_cfg.moe_expert_type) == "lora":
         experts = LoRAExperts(
             moe_cfg.moe_expert_count,
@@ -69,19 +96,36 @@ def build_moe_layer(
             activation_fn=activation_fn,
             activation_dropout=activation_dropout,
         )
-        return MoELayer(gate, experts, name=name)
-    experts = StackedExperts(
-        moe_cfg.moe_expert_count,
-        d_model,
-        moe_cfg.moe_expert_ffn_dim or ffn_dim,
-        activation_fn=moe_cfg.moe_activation_fn or activation_fn,
-        activation_dropout=activation_dropout,
-        reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
-        expert_parallel=expert_parallel_groups(moe_cfg.moe_expert_parallel_size),
-        impl=moe_cfg.moe_expert_impl,
-        zero_output=str(moe_cfg.moe_expert_placement) == "parallel",  # adds nothing at first
-    )
-    return MoELayer(gate, experts, name=name)
+    else:
+        experts = StackedExperts(
+            moe_cfg.moe_expert_count,
+            d_model,
+            moe_cfg.moe_expert_ffn_dim or ffn_dim,
+            activation_fn=expert_activation,
+            activation_dropout=activation_dropout,
+            reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
+            expert_parallel=expert_parallel_groups(moe_cfg.moe_expert_parallel_size),
+            impl=moe_cfg.moe_expert_impl,
+            zero_output=str(moe_cfg.moe_expert_placement) == "parallel",  # adds nothing at first
+        )
+    shared = None
+    num_shared = int(getattr(moe_cfg, "moe_shared_experts", 0) or 0)
+    if num_shared > 0:
+        if (
+            str(moe_cfg.moe_expert_type) == "lora"
+            or str(moe_cfg.moe_expert_placement) == "parallel"
+        ):
+            raise ValueError(f"{name}: {SHARED_CONFLICT}")
+        shared = SharedExperts(
+            d_model,
+            moe_cfg.moe_expert_ffn_dim or ffn_dim,
+            num_shared,
+            activation_fn=expert_activation,
+            activation_dropout=activation_dropout,
+            gated=bool(getattr(moe_cfg, "moe_shared_expert_gate", False)),
+        )
+    eom = float(getattr(moe_cfg, "moe_eom", 0.0) or 0.0)
+    return MoELayer(gate, experts, name=name, shared=shared, eom=eom)
 
 
 def fsdp_wrap_like_fairseq(layer, cfg):
@@ -96,15 +140,23 @@ class _MoEFFNBlock:
 
     moe: MoELayer
 
-    def _install_moe(self, cfg, moe_cfg, side_cfg, name: str) -> None:
-        """Build the MoE layer (``side_cfg``: ``cfg.encoder`` or ``cfg.decoder``). With
-        ``--moe-expert-placement replace`` it takes the place of the dense FFN fairseq's
-        __init__ built, which is unregistered so that the state dict holds only the MoE
-        parameters (``moe.gate.*``, ``moe.experts.*``); with ``parallel`` the dense FFN stays
-        (``fc1``, ``fc2``, fairseq's names) and the MoE output is added to its output."""
+    def _install_moe(self, cfg, moe_cfg, side_cfg, name: str, causal: bool = False) -> None:
+        """Build the MoE layer (``side_cfg``: ``cfg.encoder`` or ``cfg.decoder``; ``causal`` in
+        the decoder). With ``--moe-expert-placement replace`` it takes the place of the dense
+        FFN fairseq's __init__ built, which is unregistered so that the state dict holds only
+        the MoE parameters (``moe.gate.*``, ``moe.experts.*``, ``moe.shared.*``); with
+        ``parallel`` the dense FFN stays (``fc1``, ``fc2``, fairseq's names) and the MoE output
+        is added to its output; with ``--moe-cmr`` the dense FFN stays too, and the two are
+        mixed per token by the CMR gate ``cmr_gate`` (``shared_experts.cmr_gate_values``)."""
         self.parallel_ffn = str(moe_cfg.moe_expert_placement) == "parallel"
-        if not self.parallel_ffn:
+        self.cmr = bool(getattr(moe_cfg, "moe_cmr", False))
+        if self.cmr and (self.parallel_ffn or str(moe_cfg.moe_expert_type) == "lora"):
+            raise ValueError(f"{name}: {CMR_CONFLICT}")
+        if not (self.parallel_ffn or self.cmr):
             del self.fc1, self.fc2, self.activation_dropout_module, self.activation_fn
+        if self.cmr:  # NLLB's CMR gate: d_model -> 1, sigmoid in fp32
+            self.cmr_gate = torch.nn.Linear(side_cfg.embed_dim, 1)
+            self.cmr_gate_dropout = float(getattr(moe_cfg, "moe_cmr_gate_dropout", 0.0) or 0.0)
         activation_dropout = float(cfg.activation_dropout or cfg.relu_dropout or 0.0)
         self.moe = build_moe_layer(
             moe_cfg,
@@ -113,6 +165,7 @@ class _MoEFFNBlock:
             cfg.activation_fn,
             activation_dropout,
             name,
+            causal=causal,
         )
         self.checkpoint_activations = bool(cfg.checkpoint_activations)
         self.offload_activations = bool(cfg.offload_activations)
@@ -152,12 +205,18 @@ class _MoEFFNBlock:
         def moe(h):
             y, record = self.moe(h, mask)  # T x B x C
             if self.parallel_ffn:  # fairseq's dense FFN, beside the experts
-                dense = self.activation_dropout_module(self.activation_fn(self.fc1(h)))
-                y = y + self.fc2(dense)  # T x B x C
+                y = y + self._dense_ffn(h)  # T x B x C
+            elif self.cmr:
+                g = cmr_gate_values(h, self.cmr_gate, self.cmr_gate_dropout, self.training)
+                y = (1.0 - g) * self._dense_ffn(h).to(y.dtype) + g * y  # T x B x C
             return y, (y, record)
 
         x, (fc_result, record) = self._residual_block(x, self.final_layer_norm, moe)
         return x, fc_result, record
+
+    def _dense_ffn(self, h: Tensor) -> Tensor:
+        """fairseq's dense FFN, ``fc2(dropout(act(fc1(h))))``: T x B x C -> T x B x C."""
+        return self.fc2(self.activation_dropout_module(self.activation_fn(self.fc1(h))))
 
 
 class MoETransformerEncoderLayer(_MoEFFNBlock, TransformerEncoderLayerBase):
@@ -204,7 +263,7 @@ class MoETransformerDecoderLayer(_MoEFFNBlock, TransformerDecoderLayerBase):
                 f"{name}: NormFormer options (scale_attn, scale_heads, scale_fc, scale_resids) "
                 f"are not supported in MoE decoder layers; this config sets {normformer}"
             )
-        self._install_moe(cfg, moe_cfg, cfg.decoder, name)
+        self._install_moe(cfg, moe_cfg, cfg.decoder, name, causal=True)
 
     def forward_layer(
         self,

@@ -47,6 +47,9 @@ class MoERecord(RouterLosses):
     input_shape: tuple[int, ...]  # the layer input's leading shape, e.g. (T, B)
     balance_type: str = "switch"  # which balance loss ``balance_loss`` is (gate.BALANCE_LOSSES)
     dense: bool = False  # dense routing: k = E, every expert weighted by its probability
+    # expert choice (Zhou et al. 2022): expert_index is N x E (every expert, so k = E) and keep
+    # marks the tokens each expert took; nothing is dropped, a token may be taken by none
+    expert_choice: bool = False
     # 0-dim long: tokens that went to the fallback expert because their router logits were not
     # finite (``TopKGate``'s ``fallback_expert``, eval only); None when no fallback was applied.
     fallback_tokens: torch.Tensor | None = None
@@ -63,18 +66,36 @@ class MoERecord(RouterLosses):
 
     @cached_property
     def expert_counts_routed(self) -> torch.Tensor:
-        """E long: assignments the router chose (before capacity)."""
+        """E long: assignments the router chose (before capacity); under expert choice, the
+        tokens each expert took (C each)."""
+        if self.expert_choice:
+            return self.keep.sum(dim=0)
         return expert_counts(self.expert_index.detach(), self.probs.shape[1])
 
     @cached_property
     def dropped(self) -> torch.Tensor:
-        """Scalar long: assignments dropped by capacity."""
+        """Scalar long: assignments dropped by capacity (none under expert choice: experts
+        choose, see ``unchosen_tokens``)."""
+        if self.expert_choice:
+            return self.keep.new_zeros((), dtype=torch.long)
         return (~self.keep).sum()
 
     @cached_property
     def dropped_tokens(self) -> torch.Tensor:
-        """Scalar long: tokens all of whose k assignments were dropped."""
+        """Scalar long: tokens all of whose k assignments were dropped; under expert choice, the
+        tokens no expert took (``unchosen_tokens``). Their MoE output is zero."""
         return (~self.keep.any(dim=-1)).sum()
+
+    @property
+    def unchosen_tokens(self) -> torch.Tensor:
+        """Scalar long: tokens no expert took (expert choice; they pass through the residual)."""
+        return self.dropped_tokens
+
+    @cached_property
+    def computed_assignments(self) -> torch.Tensor:
+        """Scalar long: (token, expert) pairs computed, after capacity; divided by
+        ``routed_tokens`` it is the mean number of experts per token."""
+        return self.keep.sum()
 
     @cached_property
     def routed_tokens(self) -> torch.Tensor:
