@@ -90,7 +90,7 @@ def previous_training_time(ckpt: Path) -> float:
 
 def training(train_log: Path, budget_minutes: float) -> dict:
     """updates, epochs, mean words/s (``wps`` of the epoch records) and fairseq's wall clock."""
-    train, _ = recipe.training_stats(train_log, budget_minutes)
+    train, _, _ = recipe.training_stats(train_log, budget_minutes)
     try:
         records = recipe.read_training_log(train_log)
         last = records.train[-1] if records.train else {}
