@@ -40,7 +40,7 @@ test: install
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests
 
 test-fast: install
-	$(PY) -m pytest -ra -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -ra -m "not slow and not multiprocess" $(PYTEST_ARGS) tests
 
 # The main job: gettext corpus -> sentencepiece -> train an MoE model (bounded wall clock) ->
 # beam search -> BLEU/chrF per language -> results/demo/metrics.json. DEMO_ARGS adds run.py flags,

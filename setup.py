@@ -61,6 +61,8 @@ setup(
             "fairseq-moe-serve = fairseq_moe_cli.serve:main",
             "fairseq-moe-benchmark-serve = fairseq_moe_cli.benchmark_serve:main",
             "fairseq-moe-benchmark-quantize = fairseq_moe_cli.benchmark_quantize:main",
+            "fairseq-moe-consolidate = fairseq_moe_cli.consolidate:main",
+            "fairseq-moe-benchmark-checkpoint = fairseq_moe_cli.benchmark_checkpoint:main",
         ]
     },
 )

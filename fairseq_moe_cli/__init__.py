@@ -13,5 +13,8 @@ Each module has ``main(argv=None) -> int`` and a console command (setup.py's ent
   ``benchmark_moe_layer_report``: its summary, targets and tables);
 - ``benchmark_expert_parallel`` (``fairseq-moe-benchmark-ep``): expert parallelism measured at
   W = 1, 2, 4 processes, and modelled for 8-512 GPUs (``ep_cost_model``);
-- ``flags_table`` (``fairseq-moe-flags``): the README's table of MoE flags.
+- ``flags_table`` (``fairseq-moe-flags``): the README's table of MoE flags;
+- ``consolidate`` (``fairseq-moe-consolidate``): a sharded checkpoint as one file, and back;
+- ``benchmark_checkpoint`` (``fairseq-moe-benchmark-checkpoint``): save memory and time of
+  the two checkpoint formats at W processes.
 """

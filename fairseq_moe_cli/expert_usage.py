@@ -26,6 +26,10 @@ simple text log of ``fairseq-train`` or its ``--tensorboard-logdir``; alone (no 
 draws only those. A figure whose data is missing is skipped, with the reason in the summary and
 on the console.
 
+Under ``torchrun --nproc-per-node W``, with the checkpoint's ``--moe-expert-parallel-size`` P > 1
+(experts sharded, E/P per process), each process records its share of the batches and rank 0
+writes the same log and report one process would.
+
 Expert choice (``--moe-routing expert_choice``) routes a token by the rest of its batch: the
 summary's and the console's notes say so, and its figures hold for the batching used here
 (``--max-tokens``, ``--max-sentences``). Its tokens have 0 to E experts; the summary adds, per
@@ -47,6 +51,7 @@ from fairseq.dataclass.utils import gen_parser_from_dataclass
 
 from fairseq_moe_plugin.analysis import routing_analysis, routing_log
 from fairseq_moe_plugin.analysis.report import analyse, training_figures
+from fairseq_moe_plugin.distributed.inference import expert_parallel_inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,8 +93,10 @@ def generation_from_args(args):
     return routing_log.generation_options(**{name: getattr(args, name) for name in names})
 
 
-def record(args, out: Path) -> dict:
-    """Record the routing of ``args.checkpoint`` on ``args.split``; write the log and report."""
+def record(args, out: Path, shard=(0, 1)) -> dict | None:
+    """Record the routing of ``args.checkpoint`` on ``args.split``; write the log and report.
+    ``shard`` ``(rank, W)``: this process's share when W processes record together (under
+    torchrun, experts sharded); rank 0 writes, the others return None."""
     model, cfg, moe_layers = routing_log.load_checkpoint(args.checkpoint, args.data)
     factor = args.capacity_factor
     if factor is None:
@@ -98,7 +105,9 @@ def record(args, out: Path) -> dict:
     pairs = routing_log.pair_tasks(cfg)
     log, hypotheses = routing_log.record_split(model, moe_layers, pairs, args.split,
                                                args.max_tokens, args.max_sentences,
-                                               generation_from_args(args))  # fmt: skip
+                                               generation_from_args(args), shard)  # fmt: skip
+    if shard[0] != 0:
+        return None
     log["capacity_factor"] = np.array(factor)
     log["mode"] = np.array(mode)
     np.savez_compressed(out / "routing.npz", **log)
@@ -130,10 +139,20 @@ def main(argv=None) -> int:
         parser.error("give --checkpoint (or --routing-log), --train-log, or both")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint:  # under torchrun: W processes, each with its share of the batches
+        with expert_parallel_inference(cpu=True) as (world, rank):
+            if rank != 0:
+                record(args, out, (rank, world))  # rank 0 gathers the rows and reports
+                return 0
+            return _report(args, out, (rank, world))
+    return _report(args, out)
+
+
+def _report(args, out: Path, shard=(0, 1)) -> int:
     summary = {"figures": {}, "skipped": {}}
     try:
         if args.checkpoint:
-            summary = record(args, out)
+            summary = record(args, out, shard)
         elif args.routing_log:
             summary = reanalyse(args, out)
         if args.train_log:

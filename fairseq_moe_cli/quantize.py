@@ -124,14 +124,21 @@ def quantize_checkpoint(
     }
 
 
+def output_refused(checkpoint: Path, out: Path, force: bool) -> bool:
+    """Print why OUT may not be written (it exists without --force, or is CHECKPOINT itself)."""
+    if out.exists() and not force:
+        print(f"error: {out} exists (use --force to overwrite)", file=sys.stderr)
+        return True
+    if out.resolve() == checkpoint.resolve():
+        print("error: OUT must differ from CHECKPOINT", file=sys.stderr)
+        return True
+    return False
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if args.out.exists() and not args.force:
-        print(f"error: {args.out} exists (use --force to overwrite)", file=sys.stderr)
-        return 2
-    if args.out.resolve() == args.checkpoint.resolve():
-        print("error: OUT must differ from CHECKPOINT", file=sys.stderr)
+    if output_refused(args.checkpoint, args.out, args.force):
         return 2
     try:
         report = quantize_checkpoint(

@@ -9,7 +9,9 @@ with fairseq's own function. The plugin's tools (``fairseq-moe-serve``, ``-expor
 checkpoints, including the int8 ones ``fairseq-moe-quantize`` writes.
 
 What this adds to fairseq's loader: decryption, and errors that name the file (missing, not a
-checkpoint, encrypted without a key, a key for a plain file) instead of a pickle traceback.
+checkpoint, encrypted without a key, a key for a plain file) instead of a pickle traceback. A
+sharded checkpoint (``--moe-checkpoint-format sharded``) is read from its shard folder, as
+fairseq's loader reads it with the plugin imported.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ def read_checkpoint_state(
         ) from e
     finally:
         source.close()
+    from .distributed.sharded_checkpoint import is_sharded, process_layout, read_shards
+
+    if is_sharded(state):  # the experts this process holds, from the shard folder
+        state = read_shards(path, state, process_layout(state, arg_overrides))
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a fairseq checkpoint (it has no 'model' entry)")
     if state.get("cfg") is None and state.get("args") is None:

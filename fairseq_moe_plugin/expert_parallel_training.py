@@ -30,7 +30,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from .modules.expert_parallel import active_expert_parallel_groups
+from .modules.expert_parallel import active_expert_parallel_groups, gathers_expert_state
 
 
 def _is_shard(p) -> bool:
@@ -155,7 +155,9 @@ def train_sharded_experts_with_fairseq() -> None:
 
     def new_state_dict(self):
         state = state_dict(self)
-        return gather_optimizer_state(state, list(self.params)) if sharded() else state
+        if sharded() and gathers_expert_state():
+            return gather_optimizer_state(state, list(self.params))
+        return state
 
     def new_load_state_dict(self, state, optimizer_overrides=None):
         if sharded():

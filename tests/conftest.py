@@ -16,8 +16,9 @@ BIN = Path(sys.executable).parent  # the venv's console scripts (fairseq-train, 
 import fairseq_moe_plugin  # noqa: E402,F401  (registers models/criteria before fairseq parses)
 
 
-def run_cli(args, cwd, log_name=None, timeout=900):
-    """Run a command, fail the test with its output if it fails; return stdout+stderr."""
+def run_cli(args, cwd, log_name=None, timeout=900, expect_fail=False):
+    """Run a command, fail the test with its output if it fails (``expect_fail``: if it
+    succeeds); return stdout+stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
@@ -25,7 +26,9 @@ def run_cli(args, cwd, log_name=None, timeout=900):
     out = proc.stdout + proc.stderr
     if log_name:
         Path(cwd, log_name).write_text(out)
-    if proc.returncode != 0:
+    if expect_fail and proc.returncode == 0:
+        pytest.fail(f"command succeeded, expected a failure: {' '.join(map(str, args))}")
+    if proc.returncode != 0 and not expect_fail:
         pytest.fail(
             f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n{out[-4000:]}"
         )

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed_helpers import run_in_processes
+from fairseq_runs import assert_same_checkpoints, assert_same_updates, train
 
 from fairseq_moe_plugin.modules.expert_parallel import ExpertParallelGroups, expert_parallel_groups
 from fairseq_moe_plugin.modules.experts import StackedExperts
@@ -70,6 +71,7 @@ def _layer_in_processes(rank, world, size, k, capacity_factor, all_padding):
     "world, size, k, capacity_factor, all_padding",
     [(2, 2, 2, 0.0, False), (2, 2, 1, 0.5, True), (4, 4, 2, 0.0, False), (4, 2, 2, 1.0, True)],
 )
+@pytest.mark.multiprocess
 def test_sharded_layer_equals_one_process(world, size, k, capacity_factor, all_padding):
     for rank, r in enumerate(run_in_processes(_layer_in_processes, world, size, k, capacity_factor, all_padding)):  # fmt: skip
         assert r["expert_shape"] == [E // size, F, D], rank
@@ -118,6 +120,7 @@ def _groups_in_processes(rank, world, size):
     return "built"
 
 
+@pytest.mark.multiprocess
 def test_world_size_not_divisible_is_refused():
     messages = run_in_processes(_groups_in_processes, 2, 4)
     assert messages == ["--moe-expert-parallel-size 4 must divide the number of processes "
@@ -137,7 +140,6 @@ BAD = [
      "moe_transformer_tiny: --ddp-backend fully_sharded cannot keep sharded experts out of its "
      "all-reduce; use one of c10d, pytorch_ddp, legacy_ddp, no_c10d"),
     (["--moe-expert-parallel-size", 2, "--fp16"], "add --fp16-no-flatten-grads"),
-    (["--moe-expert-parallel-size", 2, "--eval-bleu"], "score with fairseq-generate after training"),
     (["--moe-expert-parallel-size", 2, "--encoder-layerdrop", 0.1], "--encoder-layerdrop 0"),
 ]  # fmt: skip
 
@@ -155,6 +157,7 @@ def _validate_in_processes(rank, world, namespaces):
     return messages
 
 
+@pytest.mark.multiprocess
 def test_bad_configurations_are_refused_naming_flags_and_values(toy_data):
     from conftest import tiny_args
 
@@ -173,73 +176,13 @@ def test_bad_configurations_are_refused_naming_flags_and_values(toy_data):
 
 # -- fairseq-train under torchrun (slow) -----------------------------------------------------------
 
-TRAIN = ["--arch", "moe_transformer_tiny", "--encoder-moe-freq", 1, "--decoder-moe-freq", 1,
-         "--moe-expert-count", E, "--moe-top-k", 2, "--moe-capacity-factor", 0, "--dropout", 0,
-         "--criterion", "label_smoothed_cross_entropy_moe", "--label-smoothing", 0.1,
-         "--optimizer", "adam", "--adam-eps", 1e-6, "--lr", 0.002, "--clip-norm", 0.5, "--max-tokens", 1000,
-         "--cpu", "--distributed-backend", "gloo", "--num-workers", 0, "--seed", 7,
-         "--log-format", "json", "--log-interval", 1,
-         "--moe-monitor-interval", 2, "--moe-monitor-high-load", 1.0001]  # fmt: skip
-# What a logged update must agree on: the loss, the gradient norm, every routing metric.
-COMPARED = ("loss", "nll_loss", "gnorm")
-
-
-def _train(toy_data, save_dir, world, *flags):
-    """fairseq-train with ``world`` processes (torchrun above 1); its train_inner records and
-    routing warnings, by update."""
-    from conftest import BIN, PLUGIN_DIR, run_cli
-    from distributed_helpers import _free_port
-
-    from fairseq_moe_plugin.analysis.training_log import TRAIN_INNER, parse_line
-
-    launcher = [] if world == 1 else [BIN / "torchrun", "--nproc-per-node", world,
-                                       "--master-port", _free_port()]  # fmt: skip
-    out = run_cli([*launcher, BIN / "fairseq-train", toy_data["bin"], "--user-dir", PLUGIN_DIR,
-                   *TRAIN, "--save-dir", save_dir, *flags], cwd=save_dir.parent)  # fmt: skip
-    updates = {}
-    for line in out.splitlines():
-        parsed = parse_line(line)
-        if parsed is not None and parsed[0] == TRAIN_INNER:
-            updates[int(parsed[1]["num_updates"])] = parsed[1]
-    # The training windows' warnings (global loads); a validation's also count the batch fairseq
-    # repeats to pad a worker's share, so they are not compared.
-    warnings = [line.split(" | ")[-1] for line in out.splitlines()
-                if "MoE routing imbalance" in line and "(train, updates" in line]  # fmt: skip
-    return updates, warnings
-
-
-def _assert_same_updates(got, expected, updates):
-    for u in updates:
-        keys = [k for k in expected[u] if k in COMPARED or k.startswith("moe_")]
-        assert len(keys) > 20, keys
-        for key in keys:
-            assert got[u][key] == pytest.approx(expected[u][key], rel=1e-3, abs=2e-3), (u, key)
-
-
-def _assert_same_checkpoints(a_path, b_path):
-    """Same weights and the same Adam state. Adam's moments are compared tightly: they carry the
-    gradients' scale, which Adam's update does not (m / sqrt(v) is scale-free). The weights are
-    compared to a quarter of one Adam step (lr 0.002): where a gradient is near zero, m / sqrt(v)
-    turns its float rounding (1e-7 relative, from summing the workers in another order) into
-    a visible share of a step; a wrong expert, a lost update or a wrong sign moves a weight by
-    whole steps."""
-    a, b = torch.load(a_path), torch.load(b_path)
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=5e-4, msg=key)
-    sa, sb = a["last_optimizer_state"]["state"], b["last_optimizer_state"]["state"]
-    assert sa.keys() == sb.keys()
-    for index in sa:
-        for key, value in sa[index].items():
-            torch.testing.assert_close(value, sb[index][key], rtol=1e-3, atol=1e-6)
-
 
 def _resume(toy_data, checkpoint, save_dir, world, *flags):
     import shutil
 
     save_dir.mkdir()
     shutil.copy(checkpoint, save_dir / "checkpoint_last.pt")
-    return _train(toy_data, save_dir, world, *flags, "--max-update", 6)[0]
+    return train(toy_data, save_dir, world, *flags, "--max-update", 6)[0]
 
 
 @pytest.fixture(scope="module")
@@ -247,13 +190,14 @@ def four_processes(toy_data, tmp_path_factory):
     """W=4, P=4 for 6 updates (epoch 1 is 4 updates, saved as checkpoint1.pt), one process
     with --update-freq 4 (the same global batches), and W=4, P=4 resumed from checkpoint1.pt."""
     root = tmp_path_factory.mktemp("ep4")
-    sharded = _train(toy_data, root / "w4p4", 4, "--moe-expert-parallel-size", 4, "--max-update", 6)
-    single = _train(toy_data, root / "w1", 1, "--update-freq", 4, "--max-update", 6)
+    sharded = train(toy_data, root / "w4p4", 4, "--moe-expert-parallel-size", 4, "--max-update", 6)
+    single = train(toy_data, root / "w1", 1, "--update-freq", 4, "--max-update", 6)
     resumed = _resume(toy_data, root / "w4p4" / "checkpoint1.pt", root / "w4p4_resumed", 4,
                       "--moe-expert-parallel-size", 4)  # fmt: skip
     return {"root": root, "sharded": sharded, "single": single, "resumed": resumed}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [4, 2])
 def test_four_processes_equal_one_process(toy_data, four_processes, tmp_path, size):
@@ -264,25 +208,27 @@ def test_four_processes_equal_one_process(toy_data, four_processes, tmp_path, si
         (sharded, warn_sharded), path = four_processes["sharded"], root / "w4p4"
     else:
         path = tmp_path / "w4p2"
-        sharded, warn_sharded = _train(toy_data, path, 4, "--moe-expert-parallel-size", 2, "--max-update", 6)  # fmt: skip
+        sharded, warn_sharded = train(toy_data, path, 4, "--moe-expert-parallel-size", 2, "--max-update", 6)  # fmt: skip
     single, warn_single = four_processes["single"]
     assert sorted(sharded) == sorted(single) == list(range(1, 7))
-    _assert_same_updates(sharded, single, range(1, 7))
+    assert_same_updates(sharded, single, range(1, 7))
     assert warn_sharded == warn_single and len(warn_single) >= 6  # the monitor's global loads
-    _assert_same_checkpoints(path / "checkpoint_last.pt", root / "w1" / "checkpoint_last.pt")
+    assert_same_checkpoints(path / "checkpoint_last.pt", root / "w1" / "checkpoint_last.pt")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [2, 1])
 def test_two_processes_equal_one_process(toy_data, tmp_path, size):
     """P=2 shards the experts; P=1 replicates them (plain data parallelism)."""
-    sharded, warn_sharded = _train(toy_data, tmp_path / "w2", 2, "--moe-expert-parallel-size", size, "--max-update", 5)  # fmt: skip
-    single, warn_single = _train(toy_data, tmp_path / "w1", 1, "--update-freq", 2, "--max-update", 5)  # fmt: skip
-    _assert_same_updates(sharded, single, range(1, 6))
+    sharded, warn_sharded = train(toy_data, tmp_path / "w2", 2, "--moe-expert-parallel-size", size, "--max-update", 5)  # fmt: skip
+    single, warn_single = train(toy_data, tmp_path / "w1", 1, "--update-freq", 2, "--max-update", 5)  # fmt: skip
+    assert_same_updates(sharded, single, range(1, 6))
     assert warn_sharded == warn_single
-    _assert_same_checkpoints(tmp_path / "w2" / "checkpoint_last.pt", tmp_path / "w1" / "checkpoint_last.pt")  # fmt: skip
+    assert_same_checkpoints(tmp_path / "w2" / "checkpoint_last.pt", tmp_path / "w1" / "checkpoint_last.pt")  # fmt: skip
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.parametrize("world, flags", [(2, ["--moe-expert-parallel-size", 2, "--update-freq", 2]),
                                           (1, ["--update-freq", 4])])  # fmt: skip
@@ -297,11 +243,12 @@ def test_resume_on_fewer_processes_continues_exactly(
     root = four_processes["root"]
     resumed = _resume(toy_data, root / "w4p4" / "checkpoint1.pt", tmp_path / "resumed", world, *flags)  # fmt: skip
     assert sorted(resumed) == sorted(four_processes["resumed"]) == [5, 6]
-    _assert_same_updates(resumed, four_processes["resumed"], [5, 6])
-    _assert_same_checkpoints(tmp_path / "resumed" / "checkpoint_last.pt",
+    assert_same_updates(resumed, four_processes["resumed"], [5, 6])
+    assert_same_checkpoints(tmp_path / "resumed" / "checkpoint_last.pt",
                              root / "w4p4_resumed" / "checkpoint_last.pt")  # fmt: skip
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_checkpoint_of_four_processes_loads_on_one_with_no_tool(toy_data, four_processes, tmp_path):
     """The consolidated W=4, P=4 checkpoint on one process computes what the four processes

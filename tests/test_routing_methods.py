@@ -194,6 +194,7 @@ def _distributed_bias(rank, world_size):
     return gate.balance_bias.clone()
 
 
+@pytest.mark.multiprocess
 def test_bias_uses_the_loads_of_all_workers():
     """Summed loads [4, 0, 1, 1] (mean 1.5): only expert 0 is above the mean. Worker 1 alone
     would have moved expert 2 and 3 down, worker 0 alone experts 1-3 up."""

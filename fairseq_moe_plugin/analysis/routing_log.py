@@ -178,20 +178,46 @@ def generated_decoder_input(model, task, sample, generation):
     return data_utils.collate_tokens(seqs, pad, left_pad=False), [h[0]["tokens"] for h in hypos]
 
 
-def _batches(task, split, max_tokens, max_sentences):
+def _batches(task, split, max_tokens, max_sentences, shard=(0, 1)):
+    """(the split's number of batches, this shard's batches with their index among all):
+    shard ``(r, W)`` takes batches r, r + W, ... (fairseq's round-robin)."""
     task.load_dataset(split)
     dataset = task.dataset(split)
     if len(dataset) == 0:
         raise ValueError(
             f"split {split!r} of {task.cfg.source_lang}-{task.cfg.target_lang} is empty"
         )
-    return task.get_batch_iterator(
+    rank, world = shard
+    epoch = task.get_batch_iterator(
         dataset=dataset, max_tokens=max_tokens, max_sentences=max_sentences, seed=1,
-        required_batch_size_multiple=1,
-    ).next_epoch_itr(shuffle=False)  # fmt: skip
+        required_batch_size_multiple=1, num_shards=world, shard_id=rank,
+    )  # fmt: skip
+    count = len(epoch.frozen_batches)
+    batches = ((rank + world * j, b) for j, b in enumerate(epoch.next_epoch_itr(shuffle=False)))
+    return count, ((i, b) for i, b in batches if i < count and "net_input" in b)
 
 
-def record_split(model, moe_layers, pairs, split, max_tokens, max_sentences, generation=None):
+def _gather_shards(chunks, kinds):
+    """Every process's chunks and layer kinds (after joining the others' expert exchanges until
+    all have recorded)."""
+    import torch.distributed as dist
+
+    from ..modules import expert_parallel_lockstep
+    from ..modules.expert_parallel import active_expert_parallel_groups
+
+    expert_parallel_lockstep.finish(active_expert_parallel_groups())
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (chunks, kinds))
+    merged_chunks, merged_kinds = [], {}
+    for c, k in gathered:
+        merged_chunks += c
+        merged_kinds.update(k)
+    return merged_chunks, merged_kinds
+
+
+def record_split(
+    model, moe_layers, pairs, split, max_tokens, max_sentences, generation=None, shard=(0, 1)
+):
     """Run ``split`` of every direction of ``pairs`` (``pair_tasks``) through the model.
 
     ``generation``: None for teacher forcing, else ``generation_options(...)`` to route the
@@ -200,24 +226,30 @@ def record_split(model, moe_layers, pairs, split, max_tokens, max_sentences, gen
     ``routing_analysis.py`` requires, the log holds per layer ``layer_routing`` (``topk``,
     ``dense`` or ``expert_choice``), ``shared_experts`` (their number, 0 = none) and
     ``shared_gated``, and the batching (``max_tokens``, ``max_sentences``, -1 = none) and
-    ``expert_capacity_factor`` that expert-choice routing depends on."""
+    ``expert_capacity_factor`` that expert-choice routing depends on.
+
+    ``shard`` ``(r, W)``: this process's share of the batches when W processes of one job record
+    together (``fairseq-moe-usage`` under torchrun, experts sharded); every process then
+    returns the whole log, its rows in the order one process would have written them."""
     layer_names = [m.name for m in moe_layers]
     layer_ids = {n: i for i, n in enumerate(layer_names)}
     is_decoder = np.array([layer_side(n) == "decoder" for n in layer_names])
     langs = sorted({lang for pair, _ in pairs for lang in pair})
-    cols = {k: [] for k in ("layer", "sentence", "batch", "position", "token", "lang", "pair",
-                            "experts", "weights", "entropy")}  # fmt: skip
-    batch_no, hypotheses, kinds = 0, {}, {}
+    keys = ("layer", "sentence", "batch", "position", "token", "lang", "pair", "experts",
+            "weights", "entropy")  # fmt: skip
+    chunks, base, kinds = [], 0, {}  # (batch number, {key: rows}, {sentence: hypothesis})
     for p, ((src, tgt), task) in enumerate(pairs):
         pad = task.source_dictionary.pad()
-        for sample in _batches(task, split, max_tokens, max_sentences):
-            net_input = dict(sample["net_input"])
+        count, batches = _batches(task, split, max_tokens, max_sentences, shard)
+        for index, sample in batches:
+            batch_no = base + index
+            net_input, batch_hypotheses = dict(sample["net_input"]), {}
             if generation is not None:
                 net_input["prev_output_tokens"], hyps = generated_decoder_input(
                     model, task, sample, generation
                 )
                 for sid, h in zip(sample["id"].tolist(), hyps, strict=True):
-                    hypotheses[f"{src}-{tgt}:{sid}"] = task.target_dictionary.string(h)
+                    batch_hypotheses[f"{src}-{tgt}:{sid}"] = task.target_dictionary.string(h)
             with torch.no_grad():
                 _, extra = model(**net_input)
             for record in extra["moe_records"]:
@@ -226,16 +258,23 @@ def record_split(model, moe_layers, pairs, split, max_tokens, max_sentences, gen
                                    net_input["prev_output_tokens"], pad, layer_ids)  # fmt: skip
             n = len(rows["layer"])
             side_is_dec = is_decoder[rows["layer"]]
-            cols["layer"].append(rows["layer"])
-            cols["sentence"].append(sample["id"].numpy()[rows["b"]])
-            cols["batch"].append(np.full(n, batch_no))
-            cols["position"].append(rows["position"])
-            cols["token"].append(rows["token"])
-            cols["lang"].append(np.where(side_is_dec, langs.index(tgt), langs.index(src)))
-            cols["pair"].append(np.full(n, p))
-            for key in ("experts", "weights", "entropy"):
-                cols[key].append(rows[key])
-            batch_no += 1
+            chunk = {
+                "layer": rows["layer"],
+                "sentence": sample["id"].numpy()[rows["b"]],
+                "batch": np.full(n, batch_no),
+                "position": rows["position"],
+                "token": rows["token"],
+                "lang": np.where(side_is_dec, langs.index(tgt), langs.index(src)),
+                "pair": np.full(n, p),
+            }
+            chunk.update({key: rows[key] for key in ("experts", "weights", "entropy")})
+            chunks.append((batch_no, chunk, batch_hypotheses))
+        base += count
+    if shard[1] > 1:
+        chunks, kinds = _gather_shards(chunks, kinds)
+    chunks.sort(key=lambda c: c[0])  # the order one process records them in
+    cols = {k: [chunk[k] for _, chunk, _ in chunks] for k in keys}
+    hypotheses = {key: text for _, _, batch in chunks for key, text in batch.items()}
     dictionary = pairs[0][1].source_dictionary
     padded = {"experts": -1, "weights": 0.0}
     log = {k: _pad_columns(v, padded[k]) if k in padded else np.concatenate(v)

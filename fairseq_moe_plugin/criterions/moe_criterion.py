@@ -19,11 +19,17 @@ independent of the batch size, as in the papers.
 from dataclasses import dataclass, field
 
 import torch
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
+from ..distributed.global_balance import (
+    BALANCE_SCOPES,
+    global_counts_of,
+    global_scope_applies,
+)
 from ..modules.moe_layer import MoELayer
 from ..modules.record import MoERecord
+from ..modules.router_losses import global_load_balance_loss
 from .moe_metrics import moe_logging_output, reduce_moe_metrics
 from .moe_monitor import HealthThresholds, RoutingMonitor
 
@@ -42,6 +48,19 @@ class MoELossConfig(FairseqDataclass):
         metadata={
             "help": "weight of the ST-MoE router z-loss (eq. 5), summed over MoE layers; "
             "0 disables it"
+        },
+    )
+    moe_balance_scope: ChoiceEnum(list(BALANCE_SCOPES)) = field(
+        default="micro_batch",
+        metadata={
+            "help": "where the Switch balance loss counts the expert frequencies f_i: "
+            "micro_batch (default): in each forward's own tokens; global: over the whole update, "
+            "every micro-batch (--update-freq) on every data-parallel worker, before the product "
+            "with the micro-batch's mean probabilities P_i (Qiu et al. 2025, global-batch LBL; "
+            "W workers then equal one process with --update-freq W). With --update-freq > 1 the "
+            "counts come from a forward without gradients of the update's micro-batches first "
+            "(about a third more compute); with --update-freq 1, from one all-reduce. Top-k "
+            "layers with the switch loss only; validation uses micro_batch"
         },
     )
 
@@ -192,6 +211,7 @@ class MoECriterionMixin:
             )
         self.moe_balance_loss_weight = weight
         self.moe_z_loss_weight = z_weight
+        self.moe_balance_scope = str(getattr(cfg, "moe_balance_scope", "micro_batch"))
         self.moe_monitor = RoutingMonitor(
             interval=cfg.moe_monitor_interval,
             thresholds=HealthThresholds(
@@ -211,15 +231,43 @@ class MoECriterionMixin:
         tap = _OutputTap(model)
         loss, sample_size, logging_output = super().forward(tap, sample, reduce=reduce)
         records = [record for output in tap.outputs for record in records_in(output)]
-        loss, moe_logs = self.add_moe(model, records, loss, sample_size, reduce=reduce)
+        loss, moe_logs = self.add_moe(model, records, loss, sample_size, reduce, sample)
         logging_output["loss"] = loss.data if reduce else loss.data.sum()
         logging_output.update(moe_logs)
         return loss, sample_size, logging_output
 
-    def add_moe(self, model, records: list[MoERecord], loss, sample_size, reduce: bool = True):
+    def moe_routing_counts(self, model, sample) -> dict[str, torch.Tensor]:
+        """``{layer: E}`` the router's assignments (before capacity) of the layers the global
+        balance scope applies to, in one forward of ``sample`` as training runs it (the base
+        criterion's forward); no loss is added and no state (usage EMA, biases, monitor) moves.
+        The global scope's pre-pass calls it (``distributed/global_balance.py``)."""
+        tap = _OutputTap(model)
+        super().forward(tap, sample)
+        records = [record for output in tap.outputs for record in records_in(output)]
+        return {r.layer: r.expert_counts_routed for r in records if global_scope_applies(r)}
+
+    def balance_losses(self, model, records: list[MoERecord], sample) -> list[torch.Tensor]:
+        """Each record's balance loss: its own (micro-batch), or with ``--moe-balance-scope
+        global`` in training the Switch loss on the update's global expert counts
+        (``global_balance.global_counts_of``)."""
+        counts = None
+        if self.moe_balance_scope == "global" and model.training and sample is not None:
+            counts = global_counts_of(sample, records)
+        if counts is None:
+            return [r.balance_loss for r in records]
+        return [
+            global_load_balance_loss(r.probs, counts[r.layer]) if r.layer in counts
+            else r.balance_loss
+            for r in records
+        ]  # fmt: skip
+
+    def add_moe(
+        self, model, records: list[MoERecord], loss, sample_size, reduce: bool = True, sample=None
+    ):
         """Add the aux term to ``loss`` and feed the monitor; returns the loss and the routing
         logging outputs. With ``reduce=False`` (per-token losses) the batch's aux term is spread
-        evenly over the elements."""
+        evenly over the elements. ``sample`` carries the global expert counts of the update
+        under ``--moe-balance-scope global``."""
         num_updates = getattr(model, "num_updates", None)
         self._stop_on_nonfinite_logits(records, num_updates, model.training)
         if model.training:
@@ -234,11 +282,12 @@ class MoECriterionMixin:
         if biases is None:
             biases = balance_biases(model)
         w_balance, w_z = self.moe_balance_loss_weight, self.moe_z_loss_weight
-        terms = [r.aux_loss(w_balance, w_z) for r in records]  # one scalar per MoE layer
+        balances = self.balance_losses(model, records, sample)
+        terms = [w_balance * b + w_z * r.z_loss for r, b in zip(records, balances, strict=True)]
         aux = sum(terms[1:], terms[0]) if terms else torch.zeros(())
         if records and (w_balance > 0 or w_z > 0):
             loss = loss + aux * sample_size / (1 if reduce else loss.numel())
-        logs = moe_logging_output(records, aux, sample_size, emas, biases)
+        logs = moe_logging_output(records, aux, sample_size, emas, biases, balances)
         if records and self.moe_monitor.boost_factor > 1:
             logs["moe_balance_weight_x_ss"] = w_balance * sample_size
         return loss, logs

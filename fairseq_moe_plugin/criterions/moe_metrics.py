@@ -30,6 +30,7 @@ def moe_logging_output(
     sample_size,
     usage_emas: dict[str, torch.Tensor] | None = None,
     balance_biases: dict[str, torch.Tensor] | None = None,
+    balance_losses: Sequence[torch.Tensor] | None = None,
 ) -> dict:
     """Flat summable scalars describing the routing of one batch: totals over the MoE layers,
     and per layer (``layer_stat_key``) and per expert (``count_key``: the router's assignments
@@ -37,14 +38,18 @@ def moe_logging_output(
     (``usage_emas``, ``{layer: E}``; summed with a batch count, averaged when reduced), the
     selection bias of aux-loss-free balancing (``balance_biases``, the same way), and, for
     expert-choice layers, the tokens no expert took and the (token, expert) pairs computed.
-    Every tensor is detached."""
+    ``balance_losses``: each record's balance loss as the loss used it (default: the record's
+    own, micro-batch, one). Every tensor is detached."""
     if not records:
         return {}
+    if balance_losses is None:
+        balance_losses = [r.balance_loss for r in records]
+    balance = dict(zip((r.layer for r in records), balance_losses, strict=True))
     n_layers = len(records)
     chooser = [r for r in records if getattr(r, "expert_choice", False)]
     out = {
         "moe_aux_loss": aux_loss.detach() * sample_size,
-        "moe_balance_loss": sum(r.balance_loss.detach() for r in records) / n_layers * sample_size,
+        "moe_balance_loss": sum(b.detach() for b in balance_losses) / n_layers * sample_size,
         "moe_z_loss": sum(r.z_loss.detach() for r in records) / n_layers * sample_size,
         "moe_dropped": sum(r.dropped.detach() for r in records),
         "moe_dropped_tokens": sum(r.dropped_tokens.detach() for r in records),
@@ -58,7 +63,7 @@ def moe_logging_output(
         out["moe_ec_computed"] = sum(r.computed_assignments.detach() for r in chooser)
     for r in records:
         routed = r.routed_tokens.detach()
-        out[layer_stat_key(r.layer, "balance")] = r.balance_loss.detach() * sample_size
+        out[layer_stat_key(r.layer, "balance")] = balance[r.layer].detach() * sample_size
         out[layer_stat_key(r.layer, "z")] = r.z_loss.detach() * sample_size
         out[layer_stat_key(r.layer, "dropped")] = r.dropped.detach()
         out[layer_stat_key(r.layer, "dropped_tokens")] = r.dropped_tokens.detach()

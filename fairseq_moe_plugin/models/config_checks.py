@@ -67,6 +67,7 @@ def validate_moe_args(args: Namespace, has_decoder: bool = True) -> None:
     except ValueError as err:
         fail(str(err))
     _validate_expert_parallel(args, fail)
+    _validate_checkpoint_format(args, fail)
     _validate_routing_methods(args, fail, has_decoder)
     _validate_adapters(args, fail)
     _validate_int8(args, fail)
@@ -226,6 +227,29 @@ def _validate_int8(args: Namespace, fail) -> None:
         )
 
 
+def _validate_checkpoint_format(args: Namespace, fail) -> None:
+    """What --moe-checkpoint-format sharded cannot write."""
+    if str(getattr(args, "moe_checkpoint_format", "consolidated")) != "sharded":
+        return
+    refused = {
+        "moe_save_trainable_only": "adapter-only checkpoints already leave the frozen base out",
+        "store_ema": "the EMA model's copy of the experts would be gathered on one process",
+        "write_checkpoints_asynchronously": "every process writes its shards while fairseq "
+        "waits for them",
+    }
+    for flag, reason in refused.items():
+        if getattr(args, flag, False):
+            fail(
+                f"--moe-checkpoint-format sharded does not support --{flag.replace('_', '-')} "
+                f"({reason}); use --moe-checkpoint-format consolidated"
+            )
+    if str(getattr(args, "ddp_backend", "")) == "fully_sharded":
+        fail(
+            "--moe-checkpoint-format sharded does not support --ddp-backend fully_sharded, which "
+            "has sharded checkpoints of its own (--use-sharded-state)"
+        )
+
+
 def _validate_expert_parallel(args: Namespace, fail) -> None:
     """The settings --moe-expert-parallel-size P > 1 needs (``fail`` raises with the arch)."""
     size = args.moe_expert_parallel_size  # >= 1 and dividing E: check_routing_options
@@ -251,11 +275,6 @@ def _validate_expert_parallel(args: Namespace, fail) -> None:
             "--fp16/--bf16 flatten every parameter into one fp32 buffer, which cannot hold "
             "sharded experts apart; add --fp16-no-flatten-grads (or use "
             "--memory-efficient-fp16/--memory-efficient-bf16) with --moe-expert-parallel-size"
-        )
-    if getattr(args, "eval_bleu", False):
-        fail(
-            "--eval-bleu generates a different number of steps on each process, which the "
-            "experts' all-to-all cannot follow; score with fairseq-generate after training"
         )
     layerdrop = (
         getattr(args, "encoder_layerdrop", 0) or 0,

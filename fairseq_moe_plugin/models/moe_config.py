@@ -32,6 +32,7 @@ CAPACITY_PRIORITY_CHOICES = ChoiceEnum(list(CAPACITY_PRIORITIES))
 INT8_MODES = ("off", "dynamic", "weight_only")
 INT8_CHOICES = ChoiceEnum(list(INT8_MODES))
 EXPERT_TYPE_CHOICES = ChoiceEnum(["ffn", "lora"])
+CHECKPOINT_FORMAT_CHOICES = ChoiceEnum(["consolidated", "sharded"])
 
 
 @dataclass
@@ -105,8 +106,20 @@ class MoEConfig(FairseqDataclass):
             "help": "expert parallelism: shard every MoE layer's experts over groups of this many "
             "processes (E/P experts each; tokens travel to their experts by all-to-all); the "
             "W/P groups are data-parallel replicas. Must divide --moe-expert-count and the "
-            "number of processes; 1 = every process holds all experts. Checkpoints are "
-            "consolidated: they load with any other value, and on one process"
+            "number of processes; 1 = every process holds all experts. Checkpoints load with "
+            "any other value, and on one process (see --moe-checkpoint-format)"
+        },
+    )
+    moe_checkpoint_format: CHECKPOINT_FORMAT_CHOICES = field(
+        default="consolidated",
+        metadata={
+            "help": "consolidated (default): each checkpoint is one file, the experts and their "
+            "optimizer state gathered on rank 0, which fairseq's tools and torch.load read "
+            "anywhere; sharded: every process writes its own experts and optimizer state, and "
+            "dense tensors are written once, through torch.distributed.checkpoint, into a folder "
+            "beside a small checkpoint file (no process ever holds the whole model). Both load "
+            "at any number of processes and any --moe-expert-parallel-size, and on one "
+            "process; fairseq-moe-consolidate turns one into the other"
         },
     )
     moe_init_from_dense: Optional[str] = field(

@@ -7,6 +7,10 @@ Their layer loops collect the routing records the MoE layers return
 (kept through ``reorder_encoder_out`` during beam search) and ``extra["moe_records"]`` of the
 decoder, in layer order. A layer that LayerDrop skips gives no record. Apart from the loops, the
 forwards are fairseq's: the same embedding, masks, layer norms and outputs.
+
+With sharded experts (``--moe-expert-parallel-size`` > 1), a forward in eval mode is a round of
+``modules/expert_parallel_lockstep.py``: processes that decode for different numbers of steps
+keep joining each other's expert exchanges.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from fairseq.models.transformer import (
 )
 from torch import Tensor
 
+from ..modules import expert_parallel_lockstep as lockstep
+from ..modules.moe_layer import MoELayer
 from ..modules.moe_transformer_layer import (
     MoETransformerDecoderLayer,
     MoETransformerEncoderLayer,
@@ -26,6 +32,21 @@ from ..modules.moe_transformer_layer import (
 )
 from ..naming import module_name
 from .moe_config import MoEConfig, is_moe_layer
+
+
+class LockstepStackMixin:
+    """An encoder or decoder whose eval-mode forwards with sharded experts are lockstep rounds
+    (``run_in_rounds``); ``register_rounds`` is called once its layers exist."""
+
+    def register_rounds(self) -> None:
+        registered = lockstep.register_stack([m for m in self.modules() if isinstance(m, MoELayer)])
+        self._round_id, self._round_layers = registered if registered else (None, [])
+
+    def run_in_rounds(self, forward):
+        round_id = getattr(self, "_round_id", None)
+        if round_id is None or self.training:
+            return forward()
+        return lockstep.run_stack(round_id, self._round_layers[0].experts.expert_parallel, forward)
 
 
 def _next_layer(stack, freq: int) -> tuple[int, bool]:
@@ -38,7 +59,7 @@ def _next_layer(stack, freq: int) -> tuple[int, bool]:
     return index, is_moe_layer(index, freq)
 
 
-class MoETransformerEncoder(TransformerEncoderBase):
+class MoETransformerEncoder(LockstepStackMixin, TransformerEncoderBase):
     def __init__(
         self,
         cfg: TransformerConfig,
@@ -50,6 +71,7 @@ class MoETransformerEncoder(TransformerEncoderBase):
         self.moe_cfg = moe_cfg
         self._layers_built = 0
         super().__init__(cfg, dictionary, embed_tokens, return_fc=return_fc)
+        self.register_rounds()
 
     def build_encoder_layer(self, cfg):
         index, moe = _next_layer(self, self.moe_cfg.encoder_moe_freq)
@@ -67,6 +89,11 @@ class MoETransformerEncoder(TransformerEncoderBase):
         token_embeddings: Tensor | None = None,
     ):
         """fairseq's encoder forward (``src_tokens``: B x S), plus ``moe_records``."""
+        return self.run_in_rounds(
+            lambda: self._encode(src_tokens, return_all_hiddens, token_embeddings)
+        )
+
+    def _encode(self, src_tokens, return_all_hiddens, token_embeddings):
         encoder_padding_mask = src_tokens.eq(self.padding_idx)  # B x S
         has_pads = src_tokens.device.type == "xla" or bool(encoder_padding_mask.any())
         x, encoder_embedding = self.forward_embedding(src_tokens, token_embeddings)  # B x S x C
@@ -111,7 +138,7 @@ class MoETransformerEncoder(TransformerEncoderBase):
         return reordered
 
 
-class MoETransformerDecoder(TransformerDecoderBase):
+class MoETransformerDecoder(LockstepStackMixin, TransformerDecoderBase):
     def __init__(
         self,
         cfg: TransformerConfig,
@@ -130,6 +157,7 @@ class MoETransformerDecoder(TransformerDecoderBase):
             no_encoder_attn=no_encoder_attn,
             output_projection=output_projection,
         )
+        self.register_rounds()
 
     def build_decoder_layer(self, cfg, no_encoder_attn: bool = False):
         index, moe = _next_layer(self, self.moe_cfg.decoder_moe_freq)
@@ -150,6 +178,19 @@ class MoETransformerDecoder(TransformerDecoderBase):
     ):
         """fairseq's decoder features (``prev_output_tokens``: B x T; B x T x C out), plus
         ``extra["moe_records"]``."""
+        args = (prev_output_tokens, encoder_out, incremental_state, full_context_alignment,
+                alignment_layer, alignment_heads)  # fmt: skip
+        return self.run_in_rounds(lambda: self._decode(*args))
+
+    def _decode(
+        self,
+        prev_output_tokens,
+        encoder_out,
+        incremental_state,
+        full_context_alignment,
+        alignment_layer,
+        alignment_heads,
+    ):
         if alignment_layer is None:
             alignment_layer = self.num_layers - 1
         enc, enc_padding_mask = None, None

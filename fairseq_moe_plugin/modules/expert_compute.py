@@ -24,6 +24,8 @@ small-batch inference path for CPUs, which torch's CPU grouped GEMM does not spe
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -73,10 +75,20 @@ def use_padded(plan: DispatchPlan) -> bool:
     return cap <= PADDED_MAX_ROWS_PER_EXPERT and grid <= PADDED_MAX_WASTE * rows
 
 
-def pick_impl(requested: str, x: torch.Tensor, plan: DispatchPlan, inference: bool) -> str:
+class RoutingCounts(NamedTuple):
+    """What ``use_padded`` reads of a plan: the rows of each expert, and their sum."""
+
+    tokens_per_expert: list[int]
+    num_rows: int
+
+
+def pick_impl(requested: str, x: torch.Tensor, plan, inference: bool, decide_on=None) -> str:
     """The path for one call: ``requested`` unless it is ``auto``, then ``grouped_mm`` on a GPU
     that supports it, ``padded`` for CPU inference on a small grid, else ``loop``. ``inference``:
-    no autograd and no activation dropout (what ``padded`` computes)."""
+    no autograd and no activation dropout (what ``padded`` computes). ``decide_on`` (a plan or
+    ``RoutingCounts``; default ``plan``): the routing whose counts decide ``auto``; expert
+    parallelism passes the whole batch's, so that a shard computes a peer's rows with the path
+    one process holding every expert takes for that batch."""
     if requested not in IMPLS:
         raise ValueError(f"unknown expert implementation {requested!r}; expected one of {IMPLS}")
     if requested == "padded" and not inference:
@@ -93,7 +105,7 @@ def pick_impl(requested: str, x: torch.Tensor, plan: DispatchPlan, inference: bo
         return requested
     if x.device.type != "cpu":
         return "grouped_mm" if grouped_mm_supported(x) else "loop"
-    if inference and use_padded(plan):
+    if inference and use_padded(plan if decide_on is None else decide_on):
         return "padded"
     return "loop"
 
@@ -139,10 +151,14 @@ def padded_ffn(
     fc2_weight: torch.Tensor,
     fc2_bias: torch.Tensor,
     activation: str,
+    cap: int | None = None,
 ) -> torch.Tensor:
-    """Inference: the experts as two ``baddbmm`` over an ``E x cap`` grid of rows."""
+    """Inference: the experts as two ``baddbmm`` over an ``E x cap`` grid of rows (``cap``:
+    default the most rows an expert has; expert parallelism passes the whole batch's, so that a
+    shard multiplies the grid one process would)."""
     counts = plan.tokens_per_expert
-    num_experts, cap, rows = len(counts), max(counts, default=0), plan.num_rows
+    num_experts, rows = len(counts), plan.num_rows
+    cap = max(counts, default=0) if cap is None else max(cap, max(counts, default=0))
     expert = torch.repeat_interleave(
         torch.arange(num_experts, device=x.device), plan.counts, output_size=rows
     )  # M: each sorted row's expert

@@ -11,11 +11,14 @@ Layout, for W ranks and P | W (ranks counted in the global group):
 Dispatch (``expert_parallel_ffn``), per MoE layer and forward, for the M kept (token, expert)
 assignments of this rank sorted by global expert (``DispatchPlan``):
 
-1. the per-expert counts are exchanged (``all_to_all_single`` of E integers), so every rank knows
-   how many rows it receives from each peer for each of its experts;
+1. the per-expert counts are exchanged (``all_gather`` of E integers), so every rank knows how
+   many rows it receives from each peer for each of its experts;
 2. the rows (M x C, padding never included) go to their experts' ranks with a variable-size
    ``all_to_all_single`` (gloo and NCCL both take uneven splits in this form);
-3. the local experts run on what arrived, grouped by local expert: today's grouped FFN;
+3. the local experts run on what arrived, grouped by local expert: today's grouped FFN (in
+   eval mode, on each peer's rows apart, on the path ``expert_compute.pick_impl`` picks for that
+   peer's whole batch: every expert then multiplies exactly the rows one process holding all
+   experts multiplies for that batch, the same way, so generation gives the same bits);
 4. the outputs go back by the reverse exchange, arrive in the order they were sent, and each token
    sums its k weighted outputs, exactly as one process holding all experts would.
 
@@ -28,12 +31,15 @@ Plain torch; no fairseq.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .grouped_ffn import DispatchPlan
+from .expert_compute import RoutingCounts
+from .grouped_ffn import DispatchPlan, _combine
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,11 @@ def expert_parallel_groups(size: int) -> ExpertParallelGroups | None:
     return _GROUPS[size]
 
 
+def forget_expert_parallel_groups() -> None:
+    """Drop the cached layouts (their process groups end with ``destroy_process_group``)."""
+    _GROUPS.clear()
+
+
 def active_expert_parallel_groups() -> ExpertParallelGroups | None:
     """The layout of the sharded experts built in this process, or None when there are none."""
     if len(_GROUPS) > 1:
@@ -93,6 +104,27 @@ def active_expert_parallel_groups() -> ExpertParallelGroups | None:
             "--moe-expert-parallel-size per process is supported"
         )
     return next(iter(_GROUPS.values()), None)
+
+
+_LOCAL_STATE = contextvars.ContextVar("fairseq_moe_local_expert_state", default=False)
+
+
+@contextlib.contextmanager
+def local_expert_state():
+    """Inside this context, state dicts of sharded experts (the model's and the optimizer's) hold
+    each process's own rows instead of gathering the full stacks: what a sharded checkpoint
+    writes, every process its own part."""
+    token = _LOCAL_STATE.set(True)
+    try:
+        yield
+    finally:
+        _LOCAL_STATE.reset(token)
+
+
+def gathers_expert_state() -> bool:
+    """Whether state dicts gather the expert shards into full stacks (outside
+    ``local_expert_state``)."""
+    return not _LOCAL_STATE.get()
 
 
 class _AllToAll(torch.autograd.Function):
@@ -121,6 +153,14 @@ def all_to_all(rows: torch.Tensor, recv_splits, send_splits, group) -> torch.Ten
     return _AllToAll.apply(rows, list(recv_splits), list(send_splits), group)
 
 
+def _local_experts(experts, rows: torch.Tensor, local_expert: torch.Tensor, decide_on=None):
+    """This rank's experts on ``rows`` (R x C), row r going to local expert ``local_expert[r]``
+    (grouped by expert); R x C, each row its expert's output."""
+    keep = torch.ones_like(local_expert, dtype=torch.bool).unsqueeze(1)  # R x 1
+    plan = DispatchPlan.from_routing(local_expert.unsqueeze(1), keep, experts.num_local_experts)
+    return experts(rows, plan, decide_on=decide_on)
+
+
 def expert_parallel_ffn(
     tokens: torch.Tensor,
     plan: DispatchPlan,
@@ -139,30 +179,35 @@ def expert_parallel_ffn(
     Returns:
         N x C: row t is ``sum_j weight[t, j] * expert_{e_tj}(tokens[t])`` over t's kept choices.
     """
-    num_local = experts.num_local_experts
+    num_local, size = experts.num_local_experts, groups.size
     counts = plan.counts  # E, on the tokens' device; gloo exchanges host tensors
     if groups.group is None or dist.get_backend(groups.group) != "nccl":
         counts = counts.cpu()
-    recv_counts = torch.empty_like(counts)  # P x E/P: from each peer, for each local expert
-    dist.all_to_all_single(recv_counts, counts, group=groups.group)  # 1.
-    send_splits = counts.view(groups.size, num_local).sum(1).tolist()
-    recv_by_peer = recv_counts.view(groups.size, num_local)
+    gathered = [torch.empty_like(counts) for _ in range(size)]
+    dist.all_gather(gathered, counts, group=groups.group)  # 1.
+    all_counts = torch.stack(gathered)  # P x E: every peer's routing
+    first = groups.rank * num_local
+    recv_by_peer = all_counts[:, first : first + num_local]  # P x E/P, for the local experts
+    send_splits = counts.view(size, num_local).sum(1).tolist()
     recv_splits = recv_by_peer.sum(1).tolist()
 
     rows = tokens.index_select(0, plan.token_index)  # M x C, grouped by destination rank
     received = all_to_all(rows, recv_splits, send_splits, groups.group)  # 2. R x C
     local_expert = torch.repeat_interleave(  # R: each received row's local expert
-        torch.arange(num_local, device=tokens.device).repeat(groups.size),
+        torch.arange(num_local, device=tokens.device).repeat(size),
         recv_by_peer.reshape(-1).to(tokens.device),
     )
-    keep = torch.ones_like(local_expert, dtype=torch.bool).unsqueeze(1)  # R x 1
-    local_plan = DispatchPlan.from_routing(local_expert.unsqueeze(1), keep, num_local)
-    out = experts(received, local_plan)  # 3. R x C, row r: its expert's output
+    if experts.training:
+        out = _local_experts(experts, received, local_expert)  # 3. R x C, row r: its expert's
+    else:  # eval: each peer's rows apart, on the path its whole batch's routing picks
+        peer_counts = all_counts.tolist()
+        out = torch.cat([
+            _local_experts(experts, chunk, index, RoutingCounts(peer_counts[p], sum(peer_counts[p])))
+            for p, (chunk, index) in enumerate(zip(received.split(recv_splits),
+                                                   local_expert.split(recv_splits), strict=True))
+        ])  # fmt: skip
     back = all_to_all(out, send_splits, recv_splits, groups.group)  # 4. M x C, as sent
 
     back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # row M: the dropped choices
-    weight = weight.to(back.dtype)
-    y = back.index_select(0, plan.combine_index[:, 0]) * weight[:, :1]  # N x C
-    for j in range(1, plan.combine_index.shape[1]):
-        y = y + back.index_select(0, plan.combine_index[:, j]) * weight[:, j : j + 1]
-    return y
+    # the combine of one process holding every expert (the same operations, so the same bits)
+    return _combine(back, plan.combine_index, weight.to(back.dtype), inplace=False)  # N x C

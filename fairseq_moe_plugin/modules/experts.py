@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .expert_compute import IMPLS, grouped_mm_ffn, padded_ffn, pick_impl
-from .expert_parallel import ExpertParallelGroups
+from .expert_parallel import ExpertParallelGroups, gathers_expert_state
 from .gate import check_routing_options
 from .grad_buffers import GradientBuffers
 from .grouped_ffn import DispatchPlan, cast_once, check_plan, grouped_expert_ffn
@@ -172,8 +172,8 @@ class StackedExperts(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.expert_parallel is None or keep_vars:
-            return
+        if self.expert_parallel is None or keep_vars or not gathers_expert_state():
+            return  # this process's rows (a sharded checkpoint writes them as they are)
         for name in self._STACKED:  # the full stack: every rank's shard, in expert order
             local = destination[prefix + name]
             full = local.new_empty(self.num_experts, *local.shape[1:])
@@ -205,7 +205,11 @@ class StackedExperts(nn.Module):
         return F.linear(h, self.fc2_weight[e], self.fc2_bias[e])  # M x d_model
 
     def forward(
-        self, x: torch.Tensor, plan: DispatchPlan, weight: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        plan: DispatchPlan,
+        weight: torch.Tensor | None = None,
+        decide_on=None,
     ) -> torch.Tensor:
         """Grouped FFN over the assignments of ``plan``, combined per token.
 
@@ -213,6 +217,8 @@ class StackedExperts(nn.Module):
             x: N x d_model tokens.
             plan: where each kept (token, choice) assignment goes (``DispatchPlan``).
             weight: N x k combine weights (0 where dropped); None means 1.
+            decide_on: the routing whose counts choose the ``auto`` path
+                (``expert_compute.pick_impl``); default ``plan``.
         Returns:
             N x d_model: row t is ``sum_j weight[t, j] * expert(x[t])`` over t's kept choices
             (zero for a token with none), in the experts' compute dtype (the autocast dtype
@@ -230,12 +236,17 @@ class StackedExperts(nn.Module):
         dropout_p = self.activation_dropout if self.training else 0.0
         # Tracers (fvcore's FLOP count) must see the matrix products of the real rows.
         inference = not needs_grad and dropout_p == 0
-        impl = "loop" if torch.jit.is_tracing() else pick_impl(self.impl, x, plan, inference)
+        impl = (
+            "loop"
+            if torch.jit.is_tracing()
+            else pick_impl(self.impl, x, plan, inference, decide_on)
+        )
         with torch.autocast(device_type=device_type, enabled=False):
             if impl == "grouped_mm":
                 return grouped_mm_ffn(x, plan, weight, *params, self.activation_name, dropout_p)
             if impl == "padded":
-                return padded_ffn(x, plan, weight, *params, self.activation_name)
+                cap = None if decide_on is None else max(decide_on.tokens_per_expert, default=0)
+                return padded_ffn(x, plan, weight, *params, self.activation_name, cap)
             return grouped_expert_ffn(
                 x,
                 plan,

@@ -46,6 +46,32 @@ def load_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.
     return num_experts * torch.sum(f * p)
 
 
+def global_load_balance_loss(probs: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
+    """The Switch loss with the expert frequencies of the global batch.
+
+    Qiu et al. (2025), "Demons in the Detail: On Implementing Load Balancing Loss for Training
+    Specialized Mixture-of-Expert Models", sec. 3: ``LBL = E * sum_i f_i * P_i`` as in Switch
+    Transformer eq. 4-6, but with ``f_i`` the share of expert ``i`` among the router's choices
+    (before capacity) of the whole global batch (every micro-batch of the update on every
+    data-parallel worker: ``global_counts``), synchronised before the product is taken; ``P_i``
+    is still the mean router probability over the tokens given (this micro-batch), which is
+    where the gradient flows. With ``global_counts`` the micro-batch's own counts it is
+    ``load_balance_loss``.
+
+    Args:
+        probs: N x E softmax probabilities (fp32), non-padding tokens only.
+        global_counts: E, the router's assignments to each expert over the global batch.
+    Returns:
+        a scalar; 0 when there are no tokens here or no assignments in the global batch.
+    """
+    num_tokens, num_experts = probs.shape
+    total = global_counts.sum()
+    if num_tokens == 0:
+        return probs.sum() * 0.0
+    f = global_counts.to(probs.dtype) / total.clamp_min(1).to(probs.dtype)  # E, sums to 1
+    return num_experts * torch.sum(f * probs.mean(dim=0))
+
+
 def mse_balance_loss(probs: torch.Tensor) -> torch.Tensor:
     """Mean squared distance between the batch's mean routing probability and uniform:
     ``mean_i (P_i - 1/E)^2`` with ``P_i = mean_tokens probs[:, i]``.

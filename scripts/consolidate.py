@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Launcher of ``fairseq_moe_cli/consolidate.py`` (same flags and outputs as the console command
+``fairseq-moe-consolidate``, which ``pip install`` puts on PATH). See that module for the
+documentation."""
+
+import sys
+
+from fairseq_moe_cli.consolidate import main
+
+if __name__ == "__main__":
+    sys.exit(main())
