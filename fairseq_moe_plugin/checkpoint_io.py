@@ -123,7 +123,7 @@ def load_model_ensemble_and_task(
             [str(path)], arg_overrides=arg_overrides, task=task, strict=strict, state=state
         )
     except FileNotFoundError as e:  # the task's dictionaries live in its data folder
-        data = _saved_data_dir(state)
+        data = saved_option(state, "task", "data")
         raise CheckpointError(
             f"{path}: its task needs {e.filename}, which does not exist (the task's data "
             f"folder, saved as {data!r}, holds the dictionaries): give the folder that has "
@@ -131,10 +131,17 @@ def load_model_ensemble_and_task(
         ) from e
 
 
-def _saved_data_dir(state: dict) -> str | None:
-    if state.get("cfg") is not None:
-        return getattr(state["cfg"].task, "data", None)
-    return getattr(state.get("args"), "data", None)
+def saved_option(state: dict, section: str, name: str, default=None):
+    """Option ``name`` of a checkpoint state's saved config: ``cfg.<section>.<name>`` (an
+    OmegaConf config, or the plain containers a checkpoint file holds, whose model section may
+    be the legacy ``argparse.Namespace``), else the legacy ``args.<name>``; ``default`` when
+    unset."""
+    cfg = state.get("cfg")
+    part = cfg.get(section) if isinstance(cfg, dict) else getattr(cfg, section, None)
+    if part is None:
+        part = state.get("args")
+    value = part.get(name) if isinstance(part, dict) else getattr(part, name, None)
+    return default if value is None else value
 
 
 __all__ = [

@@ -77,12 +77,13 @@ def global_counts_of(sample, records) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _data_parallel_sum(trainer, value: torch.Tensor) -> torch.Tensor:
+def _any_worker(trainer, flag: bool) -> bool:
+    """Whether ``flag`` holds on any data-parallel worker (one all-reduce)."""
     from fairseq.distributed import utils as distributed_utils
 
-    if trainer.data_parallel_world_size == 1:
-        return value
-    return distributed_utils.all_reduce(value, group=trainer.data_parallel_process_group)
+    value = torch.tensor([float(flag)], device=trainer.device)
+    group = trainer.data_parallel_process_group
+    return bool(distributed_utils.all_reduce(value, group=group).item())
 
 
 def update_counts(trainer, samples) -> dict[str, torch.Tensor]:
@@ -99,11 +100,7 @@ def update_counts(trainer, samples) -> dict[str, torch.Tensor]:
         for layer, counts in criterion.moe_routing_counts(trainer.model, sample).items():
             counts = counts.detach().long() * (0 if is_dummy else 1)
             total[layer] = total[layer] + counts if layer in total else counts
-    if not total:
-        return total
-    names = list(total)
-    stacked = _data_parallel_sum(trainer, torch.stack([total[n] for n in names]))
-    return {n: stacked[i] for i, n in enumerate(names)}
+    return _all_reduce_counts(total, trainer.data_parallel_process_group)
 
 
 def _is_dummy(raw) -> bool:
@@ -128,11 +125,8 @@ def count_balance_over_the_update() -> None:
         world = self.data_parallel_world_size
         if scope != "global" or (world == 1 and len(samples) == 1):
             return train_step(self, samples, raise_oom)
-        if len(samples) == 1:
-            dummies = _data_parallel_sum(self, torch.tensor([float(_is_dummy(samples[0]))],
-                                                            device=self.device))  # fmt: skip
-            if not bool(dummies.item()):
-                return train_step(self, [_tagged(samples[0], **{ALLREDUCE_KEY: True})], raise_oom)
+        if len(samples) == 1 and not _any_worker(self, _is_dummy(samples[0])):
+            return train_step(self, [_tagged(samples[0], **{ALLREDUCE_KEY: True})], raise_oom)
         counts = update_counts(self, samples)
         return train_step(self, [_tagged(s, **{COUNTS_KEY: counts}) for s in samples], raise_oom)
 

@@ -193,7 +193,8 @@ def _generate_main(main):
 
     @functools.wraps(main)
     def wrapper(cfg):
-        if launched_processes() is None or launched_processes()[0] == 1:
+        launch = launched_processes()
+        if launch is None or launch[0] == 1:
             return main(cfg)
         from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 

@@ -46,16 +46,9 @@ def note_saved_world_size(state) -> None:
     itr = (state.get("extra_state") or {}).get("train_iterator")
     if not isinstance(itr, dict) or "moe_world_size" in itr:
         return
-    cfg = state.get("cfg")
-    distributed = getattr(cfg, "distributed_training", None) if cfg is not None else None
-    if distributed is None and isinstance(cfg, dict):
-        distributed = cfg.get("distributed_training")
-    world = None
-    if distributed is not None:
-        world = (distributed.get("distributed_world_size") if isinstance(distributed, dict)
-                 else getattr(distributed, "distributed_world_size", None))  # fmt: skip
-    elif state.get("args") is not None:
-        world = getattr(state["args"], "distributed_world_size", None)
+    from ..checkpoint_io import saved_option
+
+    world = saved_option(state, "distributed_training", "distributed_world_size")
     if world:
         itr["moe_world_size"] = int(world)
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint_io import saved_option
 from ..modules.expert_parallel import active_expert_parallel_groups, expert_parallel_groups
 from .checkpoint_layout import assemble_state, expert_rows, split_state
 from .dcp_storage import ShardedCheckpointError, check_folder, load_into, save_folder
@@ -110,15 +111,7 @@ def _model_option(skeleton: dict, name: str, default, arg_overrides: dict | None
     """A model option of the checkpoint's config (after ``arg_overrides``)."""
     if arg_overrides and name in arg_overrides:
         return arg_overrides[name]
-    cfg = skeleton.get("cfg")
-    model_cfg = cfg.get("model") if isinstance(cfg, dict) else getattr(cfg, "model", None)
-    if model_cfg is None:
-        model_cfg = skeleton.get("args")
-    if isinstance(model_cfg, dict):
-        value = model_cfg.get(name, default)
-    else:
-        value = getattr(model_cfg, name, default)
-    return default if value is None else value
+    return saved_option(skeleton, "model", name, default)
 
 
 def process_layout(skeleton: dict, arg_overrides: dict | None = None) -> tuple[int, int]:
