@@ -13,7 +13,7 @@ FAIRSEQ_DIST ?= fairseq-fixed==0.12.3.1
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo compare lint format clean-venv
+.PHONY: install test test-fast demo compare lint format docs clean-venv
 
 install: $(STAMP)
 
@@ -40,7 +40,7 @@ test: install
 	$(PY) -m pytest -ra $(PYTEST_ARGS) tests
 
 test-fast: install
-	$(PY) -m pytest -ra -m "not slow and not multiprocess" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -ra -m "not slow and not distributed" $(PYTEST_ARGS) tests
 
 # The main job: gettext corpus -> sentencepiece -> train an MoE model (bounded wall clock) ->
 # beam search -> BLEU/chrF per language -> results/demo/metrics.json. DEMO_ARGS adds run.py flags,
@@ -53,6 +53,11 @@ demo: install
 COMPARE_ARGS ?=
 compare: install
 	$(PY) examples/translation/compare_dense_moe.py $(COMPARE_ARGS)
+
+# The documentation site (mkdocs.yml, pages in docs/) into site/; --strict fails on any warning
+# (a broken link or anchor, a page missing from the nav). tests/test_docs.py builds it too.
+docs: install
+	$(VENV)/bin/mkdocs build --strict -d site
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -27,7 +27,7 @@ setup(
         "tensorboard",  # analysis/training_log.py reads --tensorboard-logdir
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff"],
+        "dev": ["pytest>=7", "ruff", "mkdocs==1.6.1"],  # mkdocs: make docs, tests/test_docs.py
         # examples/translation: build_gettext_corpus.py reads gettext catalogues with polib.
         "examples": ["polib"],
         # Deployment (README, "Deploying a model"): ONNX export and its runtime, the inference

@@ -70,7 +70,6 @@ writes JSON (``--json``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import os
@@ -81,9 +80,6 @@ from pathlib import Path
 
 import torch
 
-from fairseq_moe_plugin.modules import MoELayer, StackedExperts, TopKGate
-from fairseq_moe_plugin.modules.grouped_ffn import DispatchPlan
-
 from .measure import (
     free_memory_bytes,
     heap_serves_large_blocks,
@@ -93,14 +89,8 @@ from .measure import (
     profile_top_ops,
     time_runs,
 )
-from .moe_layer_references import (
-    DenseFFN,
-    EinsumMoE,
-    GroupedMMMoE,
-    NaiveLoopMoE,
-    einsum_peak_bytes_estimate,
-    grouped_mm_skip_reason,
-)
+from .moe_layer_malloc import TUNED_MALLOC, malloc_environment, malloc_modes, replaced_environ
+from .moe_layer_references import grouped_mm_skip_reason
 from .moe_layer_report import (
     MALLOC_MODES,
     MODES,
@@ -109,17 +99,10 @@ from .moe_layer_report import (
     target_checks,
     target_setting_text,
 )
+from .moe_layer_setting import Setting
 
 IMPLS = ("moe", "moe_fresh_grads", "dense", "grouped_mm", "naive_loop", "naive_loop_modules",
          "einsum")  # fmt: skip
-# ``--malloc tuned``: glibc serves every block below 16 GiB from its heap instead of a fresh mmap
-# (the default threshold is dynamic, 128 KiB up to 32 MiB), and keeps up to 16 GiB of freed heap
-# top instead of returning it to the kernel (default 128 KiB, dynamic). glibc reads both at
-# process start; set this way (as tunables) the threshold is not capped at the 32 MiB that
-# ``mallopt(M_MMAP_THRESHOLD)`` allows, on glibc 2.36 at least (each process checks:
-# ``heap_serves_large_blocks``). ``MALLOC_TOP_PAD_`` is left alone: it only sizes each heap
-# extension, which changes nothing that is faulted in.
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 # The sizes of the grid and of every setting: the flags' defaults, defined here only.
 DEFAULTS = {"tokens": [8192, 32768], "experts": [8, 16, 64], "topk": [1, 2], "d_model": 512,
             "d_ff": 2048, "threads": 2}  # fmt: skip
@@ -195,154 +178,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     return args
-
-
-class Setting:
-    """Weights, input and cotangent for one (device, T, E, k), and a step per implementation.
-    Shapes: ``x`` and ``grad_out`` are T x C (C = d_model)."""
-
-    def __init__(self, args, device: str, tokens: int, experts: int, k: int):
-        self.device, self.tokens, self.experts, self.k = device, tokens, experts, k
-        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        torch.manual_seed(args.seed)
-        d, ff = args.d_model, args.d_ff
-        gate = TopKGate(d, experts, k=k, capacity_factor=0.0)  # dropless: the dense FLOPs
-        layer = MoELayer(gate, StackedExperts(experts, d, ff, activation_fn=args.activation))
-        self.layer = layer.to(device=device, dtype=self.dtype).train()
-        self.dense = DenseFFN(d, k * ff, args.activation).to(device=device, dtype=self.dtype)
-        self.x = torch.randn(tokens, d, device=device, dtype=self.dtype)  # T x C
-        self.grad_out = torch.randn(tokens, d, device=device, dtype=self.dtype)  # T x C
-        self.args = args
-        self._modules: dict[str, torch.nn.Module] = {}
-
-    def module(self, impl: str) -> torch.nn.Module:
-        if impl not in self._modules:
-            if impl == "grouped_mm":
-                self._modules[impl] = GroupedMMMoE(self.layer)
-            elif impl in ("moe", "moe_fresh_grads"):
-                self._modules[impl] = self.layer
-            elif impl == "dense":
-                self._modules[impl] = self.dense
-            elif impl == "naive_loop":
-                self._modules[impl] = NaiveLoopMoE(self.layer)
-            elif impl == "naive_loop_modules":
-                self._modules[impl] = NaiveLoopMoE(self.layer, per_expert_modules=True).to(
-                    self.device
-                )
-            elif impl == "einsum":
-                self._modules[impl] = EinsumMoE(self.layer, self.args.einsum_capacity_factor)
-        return self._modules[impl]
-
-    def forward(self, impl: str, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(impl)(x)
-        return out[0] if impl.startswith("moe") else out  # MoELayer returns (y, record)
-
-    def step(self, impl: str, mode: str):
-        """The callable timed for (impl, mode)."""
-        module = self.module(impl)
-        self.set_grad_buffer_reuse(impl != "moe_fresh_grads")
-        if mode == "fwd":
-
-            def run():
-                with torch.no_grad():
-                    self.forward(impl, self.x)
-
-            return run
-        x = self.x.detach().requires_grad_(True)
-
-        def run():
-            self.forward(impl, x).backward(self.grad_out)
-            for p in module.parameters():  # fairseq's zero_grad
-                p.grad = None
-            x.grad = None
-
-        return run
-
-    def set_grad_buffer_reuse(self, enabled: bool, clear: bool = False) -> None:
-        """Turn the experts' gradient-buffer reuse on or off (absent in older versions)."""
-        buffers = getattr(self.layer.experts, "grad_buffers", None)
-        if buffers is not None:
-            buffers.enabled = enabled
-            if clear:
-                buffers.clear()
-
-    def einsum_estimate(self) -> int:
-        return einsum_peak_bytes_estimate(
-            self.tokens,
-            self.experts,
-            self.k,
-            self.args.einsum_capacity_factor,
-            torch.finfo(self.dtype).bits // 8,
-        )
-
-    def load(self) -> dict:
-        """Tokens per expert under this setting's routing (max and min over the mean)."""
-        with torch.no_grad():
-            _, record = self.layer(self.x)
-        counts = record.expert_counts.float()  # E
-        mean = counts.mean().item()
-        return {
-            "max_over_mean": counts.max().item() / mean,
-            "min_over_mean": counts.min().item() / mean,
-        }
-
-    def breakdown(self, times) -> dict:
-        """Router and experts-alone times of the ``moe`` fwd+bwd (see the module doc)."""
-        layer, x = self.layer, self.x.detach().requires_grad_(True)
-        with torch.no_grad():
-            counts = layer(self.x)[1].expert_counts  # E: tokens per expert in this routing
-        rows = int(counts.sum())  # M
-        expert_index_sorted = torch.repeat_interleave(
-            torch.arange(self.experts, device=self.device), counts.to(self.device)
-        )  # M, ascending: rows already sorted by expert
-        plan = DispatchPlan.from_routing(
-            expert_index_sorted.view(-1, 1),
-            torch.ones(rows, 1, dtype=torch.bool, device=self.device),
-            self.experts,
-        )  # one choice per row: contiguous gathers, identity combine
-        sorted_in = torch.randn(rows, x.shape[1], device=self.device, dtype=self.dtype)  # M x C
-        sorted_in.requires_grad_(True)
-        sorted_grad = torch.randn_like(sorted_in)  # M x C
-        weight_grad = torch.randn(x.shape[0], self.k, device=self.device)  # T x k
-
-        def router():
-            g = layer.gate(x)
-            ((g.expert_weight * weight_grad).sum() + g.balance_loss + g.z_loss).backward()
-            layer.gate.wg.weight.grad = None
-            x.grad = None
-
-        def experts():
-            layer.experts(sorted_in, plan).backward(sorted_grad)
-            for p in layer.experts.parameters():
-                p.grad = None
-            sorted_in.grad = None
-
-        self.set_grad_buffer_reuse(True)
-        router_s = statistics.median(times(router))
-        experts_s = statistics.median(times(experts))
-        return {"router_s": router_s, "experts_s": experts_s}
-
-
-def malloc_modes(args) -> tuple[str, ...]:
-    return MALLOC_MODES if args.malloc == "both" else (args.malloc,)
-
-
-def malloc_environment(mode: str, environ) -> dict[str, str]:
-    """The environment of a setting's process under allocator set-up ``mode``: ``environ``
-    without its malloc settings (``MALLOC_*`` variables, ``glibc.malloc.*`` entries of
-    ``GLIBC_TUNABLES``), plus ``TUNED_MALLOC`` if ``mode`` is ``tuned``."""
-    env = {k: v for k, v in environ.items() if not k.startswith("MALLOC_")}
-    if "GLIBC_TUNABLES" in env:
-        kept = [
-            t
-            for t in env.pop("GLIBC_TUNABLES").split(":")
-            if t and not t.startswith("glibc.malloc.")
-        ]
-        if kept:
-            env["GLIBC_TUNABLES"] = ":".join(kept)
-    if mode == "tuned":
-        env.update(TUNED_MALLOC)
-    return env
 
 
 def run_setting(
@@ -433,21 +268,6 @@ def run_setting(
     return rows
 
 
-@contextlib.contextmanager
-def _environment(env: dict[str, str]):
-    """``os.environ`` is ``env`` inside (what a spawned process inherits), as before after."""
-    saved = dict(os.environ)
-    try:
-        for key in set(os.environ) - set(env):
-            del os.environ[key]
-        os.environ.update(env)
-        yield
-    finally:
-        for key in set(os.environ) - set(saved):
-            del os.environ[key]
-        os.environ.update(saved)
-
-
 def run_in_fresh_process(
     args, device: str, tokens: int, experts: int, k: int, malloc: str = "default"
 ) -> list[dict]:
@@ -456,7 +276,7 @@ def run_in_fresh_process(
     them when that process starts. Raises RuntimeError if the process saw other settings."""
     env = malloc_environment(malloc, os.environ)
     context = multiprocessing.get_context("spawn")
-    with _environment(env):  # the worker is spawned at submit, inheriting os.environ
+    with replaced_environ(env):  # the worker is spawned at submit, inheriting os.environ
         with ProcessPoolExecutor(1, mp_context=context, max_tasks_per_child=1) as pool:
             rows = pool.submit(run_setting, args, device, tokens, experts, k, malloc).result()
     for row in rows:

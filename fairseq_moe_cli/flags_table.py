@@ -1,14 +1,16 @@
-"""Print, check or rewrite the README's table of MoE command-line flags.
+"""Print, check or rewrite the documentation's table of MoE command-line flags.
 
 The table is generated from the dataclasses that define the flags: ``MoEConfig`` (the model's
-options), ``MoELossConfig`` and ``MoEMonitorConfig`` (the MoE criteria's). In the README it sits
-between the markers ``<!-- flags:begin -->`` and ``<!-- flags:end -->``.
+options), ``MoELossConfig`` and ``MoEMonitorConfig`` (the MoE criteria's). It sits in the flags
+reference page, ``docs/reference/flags.md``, between the markers ``<!-- flags:begin -->`` and
+``<!-- flags:end -->`` (any other markdown file with the two markers works too).
 
-    fairseq-moe-flags                    # print the table
-    fairseq-moe-flags --check README.md  # exit 1 if the README's table is stale
-    fairseq-moe-flags --write README.md  # regenerate the README's table
+    fairseq-moe-flags                                  # print the table
+    fairseq-moe-flags --check docs/reference/flags.md  # exit 1 if the page's table is stale
+    fairseq-moe-flags --write docs/reference/flags.md  # regenerate the page's table
 
-(or ``python scripts/flags_table.py ...``).
+``--check`` and ``--write`` without a path use ``docs/reference/flags.md`` (relative to the
+current directory, the repository root). (Or ``python scripts/flags_table.py ...``.)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fairseq_moe_plugin.models.moe_config import MoEConfig
 BEGIN = "<!-- flags:begin -->"
 END = "<!-- flags:end -->"
 DATACLASSES = (MoEConfig, MoELossConfig, MoEMonitorConfig)
+FLAGS_PAGE = Path("docs/reference/flags.md")  # the flags reference page, from the repository root
 
 
 def flag_name(field_name: str) -> str:
@@ -134,15 +137,19 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--check",
-        metavar="README",
+        metavar="PAGE",
         type=Path,
-        help="exit 1 if README's flags table differs from the generated one",
+        nargs="?",
+        const=FLAGS_PAGE,
+        help=f"exit 1 if PAGE's flags table differs from the generated one (default: {FLAGS_PAGE})",
     )
     mode.add_argument(
         "--write",
-        metavar="README",
+        metavar="PAGE",
         type=Path,
-        help="rewrite README's flags table between the markers",
+        nargs="?",
+        const=FLAGS_PAGE,
+        help=f"rewrite PAGE's flags table between the markers (default: {FLAGS_PAGE})",
     )
     args = parser.parse_args(argv)
     table = markdown_table()

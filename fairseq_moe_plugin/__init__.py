@@ -2,29 +2,22 @@
 
 Use with ``fairseq-train --user-dir fairseq_moe_plugin`` (the source folder or the installed
 package's folder). Importing this package registers the ``moe_*`` models, architectures and
-criteria, allow-lists the globals fairseq checkpoints need under torch's weights-only loading,
-stops fairseq from dropping the last partial batch, lets it train with several processes on
-CPU (``fairseq_fixes``), teaches its trainer and optimizers about sharded experts
-(``expert_parallel_training``), and adds sharded checkpoints, the iterator's global position,
-the global-batch balance loss and expert-parallel generation (``distributed/``).
+criteria, allow-lists the globals fairseq checkpoints need under torch's weights-only loading, and
+applies the plugin's changes to fairseq, every one listed in ``fairseq_patches.PATCHES`` (what
+it changes, why, the fairseq versions it was checked on, whether dense runs change;
+``list_patches()`` says which are applied): it stops fairseq from dropping the last partial
+batch, lets it train with several processes on CPU (``fairseq_fixes``), teaches its trainer and
+optimizers about sharded experts (``expert_parallel_training``), keeps the criterion's balance
+boost in checkpoints (``criterions/criterion_state.py``), and adds sharded checkpoints, the
+iterator's global position, the global-batch balance loss and expert-parallel generation
+(``distributed/``).
 """
 
 from .checkpoint_safety import allow_fairseq_checkpoint_globals
-from .distributed.checkpoint_hooks import save_and_load_sharded_checkpoints_with_fairseq
-from .distributed.global_balance import count_balance_over_the_update
-from .distributed.inference import generate_with_sharded_experts
-from .distributed.iterator_position import record_global_position
-from .expert_parallel_training import train_sharded_experts_with_fairseq
-from .fairseq_fixes import keep_last_partial_batch, train_with_several_processes_on_cpu
+from .fairseq_patches import apply_patches, list_patches  # noqa: F401  (public)
 
 allow_fairseq_checkpoint_globals()
-keep_last_partial_batch()
-train_with_several_processes_on_cpu()
-train_sharded_experts_with_fairseq()
-save_and_load_sharded_checkpoints_with_fairseq()
-record_global_position()
-count_balance_over_the_update()
-generate_with_sharded_experts()
+apply_patches()
 
 from . import criterions, models, modules, tasks  # noqa: E402,F401  (registration)
 

@@ -25,11 +25,9 @@ from typing import Any
 import torch
 
 from . import checkpoint_safety
+from .checkpoint_fields import CheckpointError, saved_option
 from .deploy.encryption import DecryptionError, decrypt_file_bytes, is_encrypted
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, with the file and the reason."""
+from .distributed.sharded_checkpoint import is_sharded, process_layout, read_shards
 
 
 def _check_file(path: Path) -> None:
@@ -93,8 +91,6 @@ def read_checkpoint_state(
         ) from e
     finally:
         source.close()
-    from .distributed.sharded_checkpoint import is_sharded, process_layout, read_shards
-
     if is_sharded(state):  # the experts this process holds, from the shard folder
         state = read_shards(path, state, process_layout(state, arg_overrides))
     if not isinstance(state, dict) or "model" not in state:
@@ -115,8 +111,6 @@ def load_model_ensemble_and_task(
     ``checkpoint_utils.load_model_ensemble_and_task`` on ``read_checkpoint_state``'s state."""
     from fairseq import checkpoint_utils
 
-    import fairseq_moe_plugin  # noqa: F401  (registers the plugin's models before building)
-
     state = read_checkpoint_state(path, key_file, arg_overrides)
     try:
         return checkpoint_utils.load_model_ensemble_and_task(
@@ -131,21 +125,9 @@ def load_model_ensemble_and_task(
         ) from e
 
 
-def saved_option(state: dict, section: str, name: str, default=None):
-    """Option ``name`` of a checkpoint state's saved config: ``cfg.<section>.<name>`` (an
-    OmegaConf config, or the plain containers a checkpoint file holds, whose model section may
-    be the legacy ``argparse.Namespace``), else the legacy ``args.<name>``; ``default`` when
-    unset."""
-    cfg = state.get("cfg")
-    part = cfg.get(section) if isinstance(cfg, dict) else getattr(cfg, section, None)
-    if part is None:
-        part = state.get("args")
-    value = part.get(name) if isinstance(part, dict) else getattr(part, name, None)
-    return default if value is None else value
-
-
 __all__ = [
     "CheckpointError",
+    "saved_option",
     "DecryptionError",
     "load_model_ensemble_and_task",
     "read_checkpoint_state",

@@ -168,6 +168,9 @@ def train_sharded_experts_with_fairseq() -> None:
     FairseqOptimizer.clip_grad_norm = _patched(clip_grad_norm, new_clip_grad_norm)
     FairseqOptimizer.state_dict = _patched(state_dict, new_state_dict)
     FairseqOptimizer.load_state_dict = _patched(load_state_dict, new_load_state_dict)
-    Trainer.always_call_state_dict_during_save_checkpoint = property(
-        lambda self: always_call.fget(self) or sharded()
-    )
+
+    def new_always_call(self):
+        return always_call.fget(self) or sharded()
+
+    new_always_call.__fairseq_moe_patched__ = True
+    Trainer.always_call_state_dict_during_save_checkpoint = property(new_always_call)

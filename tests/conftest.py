@@ -11,6 +11,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = REPO / "fairseq_moe_plugin"
+# Helper modules (on pytest's pythonpath) and the scripts the tests run under torchrun.
+HELPERS = REPO / "tests" / "helpers"
 BIN = Path(sys.executable).parent  # the venv's console scripts (fairseq-train, ...)
 
 import fairseq_moe_plugin  # noqa: E402,F401  (registers models/criteria before fairseq parses)
@@ -42,7 +44,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
-    """A toy src->tgt corpus (tests/toy_corpus.py) and its fairseq binarisation."""
+    """A toy src->tgt corpus (tests/helpers/toy_corpus.py) and its fairseq binarisation."""
     from toy_corpus import write_corpus
 
     root = tmp_path_factory.mktemp("toy")

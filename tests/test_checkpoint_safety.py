@@ -2,7 +2,6 @@
 in a crafted pickle is refused and never runs."""
 
 import argparse
-import os
 import pickle
 import subprocess
 import sys
@@ -11,24 +10,15 @@ import numpy as np
 import pytest
 import torch
 from fairseq import checkpoint_utils
+from unsafe_pickle import RunsCode
 
 from fairseq_moe_plugin.checkpoint_safety import SAFE_GLOBALS
-
-
-class _RunsCode:
-    """Unpickling this would call os.system (a classic pickle exploit)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"args": None, "cfg": _RunsCode(marker), "model": {}}, path)
+    torch.save({"args": None, "cfg": RunsCode(marker), "model": {}}, path)
     with pytest.raises(pickle.UnpicklingError, match="system"):
         checkpoint_utils.load_checkpoint_to_cpu(str(path))
     assert not marker.exists(), "loading the checkpoint ran code"
@@ -86,7 +76,7 @@ def test_importing_the_plugin_never_turns_weights_only_loading_off(tmp_path):
     code never runs."""
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"args": None, "cfg": _RunsCode(marker), "model": {}}, path)
+    torch.save({"args": None, "cfg": RunsCode(marker), "model": {}}, path)
     code = f"""
 import pickle, torch
 import fairseq_moe_plugin

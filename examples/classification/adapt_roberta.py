@@ -38,12 +38,14 @@ import sys
 import time
 from pathlib import Path
 
+import classification_report as report
+from build_debian_corpus import DEFAULT_SECTIONS
+
+from fairseq_moe_cli import adaptation_report
+from fairseq_moe_cli import recipe_steps as steps
+from fairseq_moe_plugin.analysis.training_log import VALID, parse_line
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "translation"))
-import adapt_report  # noqa: E402  (examples/translation: log parsing, checkpoint sizes)
-import classification_report as report  # noqa: E402
-import run as recipe  # noqa: E402  (examples/translation/run.py: run(), StepFailed, BIN, PLUGIN)
-from build_debian_corpus import DEFAULT_SECTIONS  # noqa: E402
 
 SHAPE = ("--encoder-layers 4 --encoder-embed-dim 256 --encoder-ffn-embed-dim 1024 "
          "--encoder-attention-heads 4")  # fmt: skip
@@ -85,13 +87,13 @@ def log(msg: str) -> None:
 
 
 def py(script: str) -> list:
-    return [recipe.PY, HERE / script]
+    return [steps.PY, HERE / script]
 
 
 def progress(line: str):
     """run.py's console line for a training-log line, with the validation accuracy."""
-    shown, parsed = recipe.progress_line(line), recipe.parse_line(line)
-    if shown and parsed and parsed[0] == recipe.VALID and "accuracy" in parsed[1]:
+    shown, parsed = steps.progress_line(line), parse_line(line)
+    if shown and parsed and parsed[0] == VALID and "accuracy" in parsed[1]:
         shown += f" | accuracy {parsed[1]['accuracy']}"
     return shown
 
@@ -105,16 +107,16 @@ def prepare(a, out: Path) -> dict:
     if not (corpus / "sources.json").exists():
         log(f"1/6 corpus: Debian package descriptions -> section ({corpus})")
         saved = ["--dumpavail", a.dumpavail] if a.dumpavail else []
-        recipe.run([*py("build_debian_corpus.py"), "--out", corpus, "--sections", a.sections,
-                    "--max-examples", a.max_examples, "--max-mlm-lines", a.max_mlm_lines,
-                    "--gettext-langs", a.gettext_langs, *saved], out / "corpus.log",
-                   lambda s: s.rstrip() or None)  # fmt: skip
+        steps.run([*py("build_debian_corpus.py"), "--out", corpus, "--sections", a.sections,
+                   "--max-examples", a.max_examples, "--max-mlm-lines", a.max_mlm_lines,
+                   "--gettext-langs", a.gettext_langs, *saved], out / "corpus.log",
+                  lambda s: s.rstrip() or None)  # fmt: skip
     work = out / "work"
     if not (work / "prepare.json").exists():
         log(f"2/6 sentencepiece + fairseq-preprocess -> {work}")
-        recipe.run([*py("prepare_classification.py"), "--corpus", corpus, "--out", work,
-                    "--vocab-size", a.vocab_size], out / "prepare.log",
-                   lambda s: s.rstrip() if "error" in s else None)  # fmt: skip
+        steps.run([*py("prepare_classification.py"), "--corpus", corpus, "--out", work,
+                   "--vocab-size", a.vocab_size], out / "prepare.log",
+                  lambda s: s.rstrip() if "error" in s else None)  # fmt: skip
     return json.loads((work / "prepare.json").read_text())
 
 
@@ -122,14 +124,14 @@ def train(run_dir: Path, cmd: list, minutes: float) -> Path:
     """fairseq-train ``cmd`` (its --save-dir is ``run_dir/checkpoints``); skipped when
     ``train.done`` exists, started over when it does not. ``train.done`` records the
     process's wall clock."""
-    finished = adapt_report.fresh_run_dir(run_dir, log)
+    finished = adaptation_report.fresh_run_dir(run_dir, log)
     if finished is not None:
         return finished
     ckpt_dir = run_dir / "checkpoints"
     log(f"{run_dir.name}: training for {minutes:g} min (log: {run_dir / 'train.log'})")
     t0 = time.time()
-    recipe.run([recipe.BIN / "fairseq-train", *cmd, "--save-dir", ckpt_dir],
-               run_dir / "train.log", progress)  # fmt: skip
+    steps.run([steps.BIN / "fairseq-train", *cmd, "--save-dir", ckpt_dir],
+              run_dir / "train.log", progress)  # fmt: skip
     done = {"process_wall_s": time.time() - t0, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     (run_dir / "train.done").write_text(json.dumps(done) + "\n")
     return ckpt_dir / "checkpoint_best.pt"
@@ -141,7 +143,7 @@ def pretrain(a, out: Path, prep: dict) -> Path:
     if not pretrained.exists():
         log(f"3/6 pretraining a dense roberta (masked LM) for {a.pretrain_minutes:g} min")
         ckpt = train(out / "pretrained", [
-            prep["mlm_data"], "--user-dir", recipe.PLUGIN, "--task", "masked_lm",
+            prep["mlm_data"], "--user-dir", steps.PLUGIN, "--task", "masked_lm",
             "--criterion", "masked_lm", "--arch", "roberta", *a.shape.split(),
             "--tokens-per-sample", a.max_positions, "--sample-break-mode", "complete",
             *_COMMON, "--lr", a.lr_pretrain, "--lr-scheduler", "inverse_sqrt",
@@ -162,7 +164,7 @@ def method_args(a, name: str, base: Path) -> tuple[list[str], str, float, float]
         expanded += a.shape.split() if f == "{shape}" else [f.format(**values)]
     minutes = a.adapt_minutes
     if "--restore-file" in expanded:  # fairseq's stop clock counts the restored training time
-        minutes += adapt_report.previous_training_time(base) / 60
+        minutes += adaptation_report.previous_training_time(base) / 60
     lr = a.lr_full if lr_kind == "full" else a.lr_adapter
     return expanded, criterion, lr, minutes
 
@@ -171,7 +173,7 @@ def adapt(a, out: Path, prep: dict, base: Path, name: str) -> Path:
     """Step 4: one way of adapting, on ``sentence_prediction``."""
     flags, criterion, lr, minutes = method_args(a, name, base)
     return train(out / name, [
-        prep["cls_data"], "--user-dir", recipe.PLUGIN, "--task", "sentence_prediction",
+        prep["cls_data"], "--user-dir", steps.PLUGIN, "--task", "sentence_prediction",
         "--num-classes", prep["num_classes"], "--init-token", "0", "--separator-token", "2",
         "--max-positions", a.max_positions, "--criterion", criterion, *flags, *_COMMON,
         "--lr", lr, "--lr-scheduler", "fixed", "--warmup-updates", a.adapt_warmup,
@@ -185,10 +187,10 @@ def evaluate(out: Path, prep: dict, ckpts: dict[str, Path], corpus: Path) -> Non
     """Step 5: evaluate_classifier.py on every checkpoint at once (one fairseq start-up);
     it skips those whose ``test.json`` exists."""
     log("5/6 test-set accuracy and macro-F1 (and the baselines)")
-    recipe.run([*py("evaluate_classifier.py"), "--data", prep["cls_data"], "--out-dir", out,
-                *(x for n, c in ckpts.items() for x in ("--checkpoint", f"{n}={c}")),
-                "--baselines", corpus], out / "evaluate.log",
-               lambda s: "  " + s.rstrip() if "accuracy" in s else None)  # fmt: skip
+    steps.run([*py("evaluate_classifier.py"), "--data", prep["cls_data"], "--out-dir", out,
+               *(x for n, c in ckpts.items() for x in ("--checkpoint", f"{n}={c}")),
+               "--baselines", corpus], out / "evaluate.log",
+              lambda s: "  " + s.rstrip() if "accuracy" in s else None)  # fmt: skip
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def evaluate(out: Path, prep: dict, ckpts: dict[str, Path], corpus: Path) -> Non
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="classification", help="results/<run> is the output folder")
-    p.add_argument("--results", type=Path, default=recipe.REPO / "results")
+    p.add_argument("--results", type=Path, default=steps.REPO / "results")
     p.add_argument("--methods", default=",".join(METHODS), help="a subset of the ways")
     p.add_argument("--corpus", type=Path, help="reuse a built corpus (build_debian_corpus.py)")
     p.add_argument("--dumpavail", type=Path, help="a saved `apt-cache dumpavail` to read")
@@ -244,12 +246,12 @@ def main(argv=None) -> int:
             log(f"4/6 adapting ({i + 1}/{len(a.methods)}): {name}: {METHODS[name][0]}")
             ckpts[name] = adapt(a, out, prep, base, name)
         evaluate(out, prep, ckpts, Path(prep["corpus"]))
-    except (recipe.StepFailed, ValueError) as err:
+    except (steps.StepFailed, ValueError) as err:
         raise SystemExit(str(err)) from None
     log("6/6 metrics")
     flags = {n: method_args(a, n, base)[0] for n in a.methods}
     metrics = report.collect(a, out, prep, {n: METHODS[n][0] for n in a.methods}, flags)
-    adapt_report.write_results(out, metrics, report.table(metrics), t0, log)
+    adaptation_report.write_results(out, metrics, report.table(metrics), t0, log)
     return 0
 
 

@@ -45,7 +45,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-TRANSLATION = Path(__file__).resolve().parents[1] / "translation"
+from fairseq_moe_cli import gettext_catalogues
+
 SPLITS = ("train", "valid", "test")
 DEFAULT_SECTIONS = "games,science,sound,graphics,net,math,text,admin"
 MIN_PER_SPLIT = 1  # every label must occur in every split (the label dictionary is train's)
@@ -228,14 +229,11 @@ def gettext_msgids(langs: list[str], locale_dir: str) -> list[str]:
     """The English msgids of the catalogues of ``langs`` that build_gettext_corpus.py keeps
     (translated, one line, real words); a language without catalogues is skipped, with a
     warning."""
-    sys.path.insert(0, str(TRANSLATION))
-    import build_gettext_corpus as gettext
-
     found: dict[str, None] = {}
     for lang in langs:
         try:
-            found.update(dict.fromkeys(gettext.extract_pairs(lang, locale_dir).pairs))
-        except gettext.CorpusError as err:
+            found.update(dict.fromkeys(gettext_catalogues.extract_pairs(lang, locale_dir).pairs))
+        except gettext_catalogues.CorpusError as err:
             print(f"WARNING: no gettext text for {lang}: {err}", file=sys.stderr)
     return list(found)
 

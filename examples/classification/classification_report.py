@@ -3,12 +3,12 @@ trainable parameters and their share (fairseq-train's "num. shared model params"
 checkpoint sizes (the file, its weights, its optimizer state; for adapter-only checkpoints the
 full model's weights as the plugin logged them), training speed (fairseq's ``wps``: tokens per
 second, the mean of the epoch records) and wall clock, test accuracy and macro-F1; and the
-markdown table. The log parsing and sizes are examples/translation/adapt_report.py's."""
+markdown table. The log parsing and sizes are ``fairseq_moe_cli.adaptation_report``'s."""
 
 import json
 from pathlib import Path
 
-import adapt_report
+from fairseq_moe_cli import adaptation_report
 
 
 def _read_json(path: Path) -> dict:
@@ -19,15 +19,15 @@ def pretrained_entry(out: Path, minutes: float) -> dict:
     run_dir = out / "pretrained"
     return {
         "checkpoint_path": str(out / "pretrained.pt"),
-        "params": adapt_report.trainable_parameters(run_dir / "train.log"),
-        "checkpoint": adapt_report.checkpoint_sizes(out / "pretrained.pt"),
+        "params": adaptation_report.trainable_parameters(run_dir / "train.log"),
+        "checkpoint": adaptation_report.checkpoint_sizes(out / "pretrained.pt"),
         "train": _train(run_dir, minutes),
     }
 
 
 def _train(run_dir: Path, minutes: float) -> dict:
     """fairseq's figures (updates, epochs, words/s, wall) and the process's wall clock."""
-    train = adapt_report.training(run_dir / "train.log", minutes)
+    train = adaptation_report.training(run_dir / "train.log", minutes)
     train["process_wall_s"] = _read_json(run_dir / "train.done").get("process_wall_s")
     return train
 
@@ -39,8 +39,8 @@ def method_entry(out: Path, name: str, what: str, minutes: float) -> dict:
     return {
         "description": what,
         "checkpoint_path": str(ckpt),
-        "params": adapt_report.trainable_parameters(run_dir / "train.log"),
-        "checkpoint": adapt_report.checkpoint_sizes(ckpt, run_dir / "train.log"),
+        "params": adaptation_report.trainable_parameters(run_dir / "train.log"),
+        "checkpoint": adaptation_report.checkpoint_sizes(ckpt, run_dir / "train.log"),
         "train": _train(run_dir, minutes),
         "test": {k: test[k] for k in ("n", "accuracy", "macro_f1", "f1_per_label")},
     }

@@ -15,8 +15,8 @@ Output (``--out WORK``):
   dictionary, built from the train labels);
 - ``prepare.json``: counts, labels, the sentencepiece settings.
 
-The steps reuse examples/translation/prepare_data.py (``train_spm``, ``encode``,
-``write_fairseq_dict``).
+The steps are examples/translation/prepare_data.py's (``fairseq_moe_cli.recipe_data``:
+``train_spm``, ``encode``, ``write_fairseq_dict``).
 """
 
 import argparse
@@ -27,8 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "translation"))
-from prepare_data import encode, train_spm, write_fairseq_dict  # noqa: E402
+from fairseq_moe_cli.recipe_data import encode, train_spm, write_fairseq_dict
 
 SPLITS = ("train", "valid", "test")
 

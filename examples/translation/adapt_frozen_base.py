@@ -41,9 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-import adapt_report as report
 import run as recipe
 from presets import _SHAPE, _ffn
+
+from fairseq_moe_cli import adaptation_report as report
+from fairseq_moe_cli import recipe_steps as steps
 
 # Each way of adapting: (what it is, "full" or "adapter" learning rate, fairseq-train flags
 # after the shared shape; "{base}" is the pretrained checkpoint).
@@ -115,17 +117,17 @@ def train(a, run_dir: Path, prep, data_bin, pairs, model_args, lr, warmup, minut
     ckpt_dir = run_dir / "checkpoints"
     log(f"{run_dir.name}: training on {','.join(pairs)} for {minutes:g} min, lr {lr:g} "
         f"(log: {run_dir / 'train.log'})")  # fmt: skip
-    recipe.run([recipe.BIN / "fairseq-train", data_bin, "--user-dir", recipe.PLUGIN,
-                *task_args(prep, pairs), "--sampling-method", "temperature",
-                "--sampling-temperature", "1.5", *model_args, "--share-all-embeddings",
-                "--criterion", "label_smoothed_cross_entropy_moe", "--label-smoothing", "0.1",
-                "--dropout", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
-                "--lr", lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup,
-                "--clip-norm", "1.0", "--max-tokens", "2048", "--max-update", a.max_update,
-                "--stop-time-hours", minutes / 60, "--save-dir", ckpt_dir,
-                "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "100",
-                "--num-workers", "0", "--seed", "1"],
-               run_dir / "train.log", recipe.progress_line)  # fmt: skip
+    steps.run([steps.BIN / "fairseq-train", data_bin, "--user-dir", steps.PLUGIN,
+               *task_args(prep, pairs), "--sampling-method", "temperature",
+               "--sampling-temperature", "1.5", *model_args, "--share-all-embeddings",
+               "--criterion", "label_smoothed_cross_entropy_moe", "--label-smoothing", "0.1",
+               "--dropout", "0.1", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
+               "--lr", lr, "--lr-scheduler", "inverse_sqrt", "--warmup-updates", warmup,
+               "--clip-norm", "1.0", "--max-tokens", "2048", "--max-update", a.max_update,
+               "--stop-time-hours", minutes / 60, "--save-dir", ckpt_dir,
+               "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "100",
+               "--num-workers", "0", "--seed", "1"],
+              run_dir / "train.log", steps.progress_line)  # fmt: skip
     (run_dir / "train.done").write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
     return ckpt_dir / "checkpoint_best.pt"
 
@@ -169,18 +171,18 @@ def evaluate(run_dir: Path, prep: dict, data_bin: Path, ckpt: Path) -> dict:
         src, tgt = pair.split("-")
         gen = run_dir / f"generate.{pair}.txt"
         if not gen.exists():
-            text = recipe.run([recipe.BIN / "fairseq-generate", data_bin, "--user-dir",
-                               recipe.PLUGIN, *task_args(prep, prep["pairs"]),
-                               "--source-lang", src, "--target-lang", tgt, "--gen-subset",
-                               "test", "--path", ckpt, "--beam", "5", "--batch-size", "64",
-                               "--post-process", "sentencepiece"],
-                              run_dir / f"generate.{pair}.log")  # fmt: skip
+            text = steps.run([steps.BIN / "fairseq-generate", data_bin, "--user-dir",
+                              steps.PLUGIN, *task_args(prep, prep["pairs"]),
+                              "--source-lang", src, "--target-lang", tgt, "--gen-subset",
+                              "test", "--path", ckpt, "--beam", "5", "--batch-size", "64",
+                              "--post-process", "sentencepiece"],
+                             run_dir / f"generate.{pair}.log")  # fmt: skip
             gen.write_text(text)
         scores_in += ["--generate-output", f"{tgt}={gen}"]
     scores = run_dir / "scores.json"
     if not scores.exists():
-        recipe.run([recipe.BIN / "fairseq-moe-bleu", *scores_in, "--tokenize", "auto",
-                    "--json", scores], run_dir / "score.log")  # fmt: skip
+        steps.run([steps.BIN / "fairseq-moe-bleu", *scores_in, "--tokenize", "auto",
+                   "--json", scores], run_dir / "score.log")  # fmt: skip
     return json.loads(scores.read_text())
 
 
@@ -238,7 +240,7 @@ def collect(a, out: Path, models: dict) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="adapt", help="results/<run> is the output folder")
-    p.add_argument("--results", type=Path, default=recipe.REPO / "results")
+    p.add_argument("--results", type=Path, default=steps.REPO / "results")
     p.add_argument("--pretrain-lang", default="de", help="the pretrained direction: en -> this")
     p.add_argument("--new-langs", default="fr,es", help="the directions adapted to")
     p.add_argument("--methods", default=",".join(METHODS), help="a subset of the ways")
@@ -289,7 +291,7 @@ def main(argv=None) -> int:
             scores = evaluate(out / name, prep, data_bin, ckpt)
             models[name] = model_metrics(a, out / name, ckpt, scores, a.adapt_minutes,
                                          METHODS[name][0])  # fmt: skip
-    except (recipe.StepFailed, ValueError) as err:
+    except (steps.StepFailed, ValueError) as err:
         raise SystemExit(str(err)) from None
     metrics = collect(a, out, models)
     report.write_results(out, metrics, report.table(metrics), t0, log)

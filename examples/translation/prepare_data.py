@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fairseq_moe_cli.recipe_data import encode, train_spm, write_fairseq_dict
+
 SPLITS = ("train", "valid", "test")
 LANG_RE = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]+)*(@[A-Za-z]+)?$")
 
@@ -101,46 +103,6 @@ def validate(raw: Path, pairs) -> dict:
                 )
             found[(split, src, tgt)] = (s, t, ns)
     return found
-
-
-def train_spm(files: list[Path], prefix: Path, vocab_size: int, max_sentences: int) -> None:
-    import sentencepiece as spm
-
-    spm.SentencePieceTrainer.train(
-        input=[str(f) for f in files],
-        model_prefix=str(prefix),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=0.9995,  # covers CJK scripts
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        hard_vocab_limit=False,
-        bos_id=-1,
-        eos_id=-1,
-        unk_id=0,
-        pad_id=-1,
-        num_threads=os.cpu_count() or 1,
-        minloglevel=2,
-    )
-
-
-def encode(model: Path, src: Path, dst: Path) -> None:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    with open(src, encoding="utf-8") as fin, open(dst, "w", encoding="utf-8") as fout:
-        for line in fin:
-            fout.write(" ".join(sp.encode(line.rstrip("\n"), out_type=str)) + "\n")
-
-
-def write_fairseq_dict(vocab: Path, out: Path) -> None:
-    """sentencepiece's vocabulary as a fairseq dictionary (specials are fairseq's own)."""
-    with open(vocab, encoding="utf-8") as fin, open(out, "w", encoding="utf-8") as fout:
-        for line in fin:
-            piece = line.split("\t")[0]
-            if piece in ("<unk>", "<s>", "</s>", "<pad>"):
-                continue
-            fout.write(f"{piece} 1\n")
 
 
 def check_inputs(a) -> tuple[list[tuple[str, str]], dict]:

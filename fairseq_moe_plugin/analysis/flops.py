@@ -36,15 +36,15 @@ experts, their gate, the CMR dense FFN and gate are active for every token).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 
 import torch
 import torch.nn as nn
 
-from ..modules.lora_experts import LoRAExperts
 from ..modules.moe_layer import MoELayer
-from ..modules.routing_methods import expert_choice_capacity
+from ..modules.routing.expert_choice import expert_choice_capacity
 
 CONVENTION = "1 MAC = one multiply-add (fvcore counts a MAC as one flop); FLOPs = 2 x MACs"
 DENOMINATORS = {
@@ -62,7 +62,7 @@ def parameter_counts(model: nn.Module) -> dict:
         if not isinstance(module, MoELayer):
             continue
         num_experts, k = module.num_experts, _active_experts(module)
-        per_expert = sum(p[0].numel() for p in _stacked(module.experts))  # stacked along E
+        per_expert = sum(p[0].numel() for p in module.experts.stacked_parameters())  # along E
         inactive += (num_experts - k) * per_expert
         shared = module.shared
         layers.append(
@@ -81,20 +81,11 @@ def parameter_counts(model: nn.Module) -> dict:
 
 
 def _active_experts(layer: MoELayer) -> float:
-    """Experts a token goes through: k, all E under dense routing, or on average the expert
-    capacity factor c (at most E) under expert choice (E experts x C = c N / E tokens each)."""
-    if layer.gate.routing == "dense":
-        return layer.num_experts
-    if layer.gate.routing == "expert_choice":
-        return min(float(layer.gate.expert_capacity_factor), float(layer.num_experts))
-    return layer.gate.k
-
-
-def _stacked(experts: nn.Module) -> list[nn.Parameter]:
-    """The per-expert parameters (stacked along E): LoRA experts' shared frozen FFN is not."""
-    if isinstance(experts, LoRAExperts):
-        return [experts.lora_a1, experts.lora_b1, experts.lora_a2, experts.lora_b2]
-    return list(experts.parameters())
+    """Experts a token goes through (``TopKGate.experts_per_token``): k, all E under dense
+    routing, or on average the expert capacity factor c (at most E) under expert choice; a
+    whole number (an int in the report) but under expert choice."""
+    k = layer.gate.experts_per_token()
+    return k if layer.gate.expert_choice_factor is not None else int(k)
 
 
 @dataclass
@@ -107,8 +98,7 @@ class LayerSpec:
     ffn_dim: int | None = None  # dense FFN
     num_experts: int | None = None  # MoE FFN
     top_k: float | None = None  # experts per token (E under dense routing, c under expert choice)
-    expert_ffn_dim: int | None = None
-    lora_rank: int | None = None  # LoRA experts: the shared FFN once per token, k deltas
+    expert_macs: Callable[[int, float], float] | None = None  # the experts' hook: (N, M) -> MACs
     parallel_ffn_dim: int | None = None  # placement parallel or --moe-cmr: the dense FFN too
     expert_choice_factor: float | None = None  # expert choice: E x ceil(c N / E) assignments
     shared_ffn_dim: int | None = None  # shared experts: one FFN of width N_s x d_ff_expert
@@ -137,11 +127,8 @@ class ModelSpec:
             )
             if isinstance(getattr(lyr, "moe", None), MoELayer):
                 spec.num_experts, spec.top_k = lyr.moe.num_experts, _active_experts(lyr.moe)
-                spec.expert_ffn_dim = lyr.moe.experts.d_ff
-                if isinstance(lyr.moe.experts, LoRAExperts):
-                    spec.lora_rank = lyr.moe.experts.rank
-                if lyr.moe.gate.routing == "expert_choice":
-                    spec.expert_choice_factor = float(lyr.moe.gate.expert_capacity_factor)
+                spec.expert_macs = lyr.moe.experts.expert_macs
+                spec.expert_choice_factor = lyr.moe.gate.expert_choice_factor
                 if lyr.moe.shared is not None:
                     spec.shared_ffn_dim = lyr.moe.shared.fc1.out_features
                     spec.shared_gate = lyr.moe.shared.gated
@@ -196,9 +183,9 @@ def _attention_macs(dims: tuple[int, int, int], n_q: int, n_kv: int, pairs: int)
 
 
 def _ffn_macs(spec: LayerSpec, positions: int, tokens: int) -> dict[str, int]:
-    """Dense FFN on every position; MoE router and k experts on every non-padding token (LoRA
-    experts: the shared FFN once per token, ``2 r (d + d_ff)`` per assignment for the deltas;
-    expert choice: ``E x ceil(c N / E)`` assignments, at most N per expert); shared experts (and
+    """Dense FFN on every position; MoE router and k experts on every non-padding token (the
+    experts' ``expert_macs``; LoRA experts: the shared FFN once per token, ``2 r (d + d_ff)`` per
+    assignment for the deltas; expert choice: ``E x ceil(c N / E)`` assignments, at most N per expert); shared experts (and
     their gate) on every non-padding token; with the parallel placement or CMR, the dense FFN on
     every position too, and the CMR gate."""
     d = spec.d_model
@@ -209,12 +196,7 @@ def _ffn_macs(spec: LayerSpec, positions: int, tokens: int) -> dict[str, int]:
     if spec.expert_choice_factor is not None:
         capacity = expert_choice_capacity(tokens, spec.num_experts, spec.expert_choice_factor)
         assignments = spec.num_experts * capacity
-    if spec.lora_rank is None:
-        macs["moe_experts"] = assignments * 2 * d * spec.expert_ffn_dim
-    else:
-        macs["moe_experts"] = tokens * 2 * d * spec.expert_ffn_dim + (
-            assignments * 2 * spec.lora_rank * (d + spec.expert_ffn_dim)
-        )
+    macs["moe_experts"] = spec.expert_macs(tokens, assignments)
     if spec.shared_ffn_dim is not None:
         macs["moe_shared"] = tokens * (2 * d * spec.shared_ffn_dim + (d if spec.shared_gate else 0))
     if spec.parallel_ffn_dim is not None:

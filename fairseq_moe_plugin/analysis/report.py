@@ -69,7 +69,7 @@ def analyse(log, out: Path, capacity_factor: float, top_tokens: int) -> dict:
             {k: [chosen[n][k] for n in chosen] for k in ("unchosen_share", "experts_per_token")},
             "expert choice: tokens no expert took, experts per token", out,
         )  # fmt: skip
-    if all(kind == "expert_choice" for kind in kinds):
+    if all(ra.experts_choose(kind) for kind in kinds):
         skipped["capacity_overflow"] = "expert choice: every expert takes exactly its capacity"
     elif capacity_factor > 0:
         figures["capacity_overflow"] = rp.draw_heatmap(

@@ -49,6 +49,17 @@ def expert_counts(log, rows=None) -> np.ndarray:
     return np.bincount(experts.reshape(-1), minlength=int(log["num_experts"])).astype(np.int64)
 
 
+# The log's per-layer routing names are ``RoutingMode`` values (``modules/routing/output.py``);
+# this module reads logs without torch, so it names the one whose columns are what each expert
+# took (expert choice) here, and asks ``experts_choose`` rather than comparing names.
+EXPERTS_CHOOSE_MODE = "expert_choice"
+
+
+def experts_choose(kind: str) -> bool:
+    """Whether a layer of the log routed by expert choice (each expert took its tokens)."""
+    return str(kind) == EXPERTS_CHOOSE_MODE
+
+
 def layer_routing(log) -> list[str]:
     """Per layer ``topk``, ``dense`` or ``expert_choice`` (``topk`` for a log without it)."""
     if "layer_routing" in log:
@@ -64,7 +75,7 @@ def expert_choice_stats(log) -> dict[str, dict]:
     num_experts = int(log["num_experts"])
     for i, (name, kind) in enumerate(zip(log["layer_names"].tolist(), layer_routing(log),
                                          strict=True)):  # fmt: skip
-        if kind != "expert_choice":
+        if not experts_choose(kind):
             continue
         per_token = (log["experts"][log["layer"] == i] >= 0).sum(axis=1)  # experts of each token
         n = max(len(per_token), 1)
@@ -84,7 +95,7 @@ def notes(log) -> list[str]:
     out = []
     kinds = layer_routing(log)
     names = log["layer_names"].tolist()
-    chosen = [n for n, k in zip(names, kinds, strict=True) if k == "expert_choice"]
+    chosen = [n for n, k in zip(names, kinds, strict=True) if experts_choose(k)]
     if chosen:
         batching = ", ".join(f"--{key.replace('_', '-')} {int(log[key])}" for key in
                              ("max_tokens", "max_sentences") if int(log.get(key, -1)) >= 0)  # fmt: skip
@@ -162,7 +173,7 @@ def capacity_overflow(log, capacity_factor: float) -> dict[str, dict]:
     for i, name in enumerate(log["layer_names"].tolist()):
         rows = log["layer"] == i
         overflow = np.zeros(num_experts, dtype=np.int64)
-        if capacity_factor > 0 and kinds[i] != "expert_choice":
+        if capacity_factor > 0 and not experts_choose(kinds[i]):
             for b in np.unique(log["batch"][rows]):
                 in_batch = rows & (log["batch"] == b)
                 counts = expert_counts(log, in_batch)

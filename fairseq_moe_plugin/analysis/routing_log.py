@@ -110,8 +110,9 @@ def chosen_experts(record) -> tuple[np.ndarray, np.ndarray]:
 
 
 def routing_kind(record) -> str:
-    """``expert_choice``, ``dense`` or ``topk``: how a record's layer routed."""
-    return "expert_choice" if record.expert_choice else "dense" if record.dense else "topk"
+    """How a record's layer routed: its ``RoutingMode`` value (``topk``, ``dense`` or
+    ``expert_choice``), the name the log stores."""
+    return record.mode.value
 
 
 def _pad_columns(arrays: list[np.ndarray], fill) -> np.ndarray:
@@ -292,8 +293,8 @@ def record_split(
         max_tokens=np.array(-1 if max_tokens is None else max_tokens),
         max_sentences=np.array(-1 if max_sentences is None else max_sentences),
         expert_capacity_factor=np.array(max(
-            (float(getattr(g, "expert_capacity_factor", 0.0)) for g in gates
-             if getattr(g, "routing", "topk") == "expert_choice"), default=0.0)),
+            (g.expert_choice_factor for g in gates if g.expert_choice_factor is not None),
+            default=0.0)),
     )  # fmt: skip
     for key in ("layer", "lang", "pair", "experts"):
         log[key] = log[key].astype(np.int16)

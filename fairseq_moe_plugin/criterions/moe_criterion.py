@@ -27,9 +27,10 @@ from ..distributed.global_balance import (
     global_counts_of,
     global_scope_applies,
 )
-from ..modules.moe_layer import MoELayer
 from ..modules.record import MoERecord
-from ..modules.router_losses import global_load_balance_loss
+from ..modules.routing.losses import global_load_balance_loss
+from ..modules.routing_buffers import gates_with, update_routing_buffers
+from .criterion_state import boost_state, load_boost_state
 from .moe_metrics import moe_logging_output, reduce_moe_metrics
 from .moe_monitor import HealthThresholds, RoutingMonitor
 
@@ -93,8 +94,8 @@ class MoEMonitorConfig(FairseqDataclass):
         default=1.0,
         metadata={
             "help": "when > 1: at the end of an epoch in which every routing check found an "
-            "imbalance, multiply the balance-loss weight by this factor (logged; not saved in "
-            "checkpoints); 1 = off"
+            "imbalance, multiply the balance-loss weight by this factor (logged; kept in "
+            "checkpoints, so that a resumed run goes on with it); 1 = off"
         },
     )
     moe_balance_boost_max: float = field(
@@ -138,31 +139,9 @@ def records_in(net_output) -> list[MoERecord]:
     return []
 
 
-def _gates_with(model, option: str) -> dict:
-    """``{layer name: gate}`` of the MoE layers whose gate has ``option`` (a gate attribute:
-    ``usage_ema_decay``, ``bias_balancing_rate``) above 0."""
-    return {
-        m.name: m.gate
-        for m in model.modules()
-        if isinstance(m, MoELayer) and getattr(m.gate, option, 0) > 0
-    }
-
-
 def _gate_buffers(model, option: str, buffer: str) -> dict[str, torch.Tensor]:
     """``{layer name: E}`` a copy of ``buffer`` of every gate with ``option`` on."""
-    return {n: getattr(g, buffer).detach().clone() for n, g in _gates_with(model, option).items()}
-
-
-def _fold_loads(model, records: list[MoERecord], option: str, update: str) -> None:
-    """Call ``gate.<update>(loads)`` with each record's loads (``MoERecord.expert_load``) on the
-    gates with ``option`` on. The criterion does this, after the forward, not the gate during
-    it: a forward that runs twice (activation checkpointing's recompute) must not count a batch
-    twice."""
-    gates = _gates_with(model, option)
-    for record in records:
-        gate = gates.get(record.layer)
-        if gate is not None:
-            getattr(gate, update)(record.expert_load.detach())
+    return {n: getattr(g, buffer).detach().clone() for n, g in gates_with(model, option).items()}
 
 
 def usage_emas(model) -> dict[str, torch.Tensor]:
@@ -171,10 +150,11 @@ def usage_emas(model) -> dict[str, torch.Tensor]:
 
 
 def update_usage_emas(model, records: list[MoERecord]) -> dict[str, torch.Tensor]:
-    """Fold a training batch's loads into the usage EMA of each layer's gate, and return the
-    EMAs (``usage_emas``). Each worker updates its own copy from the batches it sees; a
-    checkpoint holds the copy of the worker that saves it."""
-    _fold_loads(model, records, "usage_ema_decay", "update_usage_ema")
+    """Fold a training batch's loads into the usage EMA of each layer's gate
+    (``routing_buffers.update_routing_buffers``, the EMA only), and return the EMAs
+    (``usage_emas``). Each worker updates its own copy from the batches it sees; a checkpoint
+    holds the copy of the worker that saves it."""
+    update_routing_buffers(model, records, options=("usage_ema_decay",))
     return usage_emas(model)
 
 
@@ -186,9 +166,10 @@ def balance_biases(model) -> dict[str, torch.Tensor]:
 
 def accumulate_balance_loads(model, records: list[MoERecord]) -> dict[str, torch.Tensor]:
     """Add a training batch's loads (the router's assignments before capacity) to each
-    bias-balanced gate's ``balance_load``, whose sum over the update the gate turns into one
-    bias step when fairseq starts the next update (over all workers); return the biases."""
-    _fold_loads(model, records, "bias_balancing_rate", "accumulate_balance_load")
+    bias-balanced gate's ``balance_load`` (``routing_buffers.update_routing_buffers``, that
+    buffer only), whose sum over the update the gate turns into one bias step when fairseq
+    starts the next update (over all workers); return the biases."""
+    update_routing_buffers(model, records, options=("bias_balancing_rate",))
     return balance_biases(model)
 
 
@@ -224,6 +205,16 @@ class MoECriterionMixin:
         )
         self._moe_train_batches = 0  # fallback update counter for models without num_updates
         self._moe_epoch_meter_count = None
+        self._moe_configured_balance_weight = weight  # the boost starts from it
+
+    def moe_state_dict(self) -> dict:
+        """The balance boost's state, which fairseq checkpoints keep in ``extra_state``
+        (``criterion_state.py``, where resuming is described)."""
+        return boost_state(self)
+
+    def load_moe_state_dict(self, state, meters_loaded: bool, epoch_ended: bool) -> bool:
+        """Take back ``moe_state_dict``'s state (``criterion_state.load_boost_state``)."""
+        return load_boost_state(self, state, meters_loaded=meters_loaded, epoch_ended=epoch_ended)
 
     def forward(self, model, sample, reduce=True):
         """The base criterion's forward, plus ``aux * sample_size`` in the loss and the routing
@@ -277,10 +268,9 @@ class MoECriterionMixin:
                 num_updates = self._moe_train_batches - 1
         self.moe_monitor.observe(records, training=model.training, num_updates=num_updates or 0)
 
-        emas = update_usage_emas(model, records) if model.training else usage_emas(model)
-        biases = accumulate_balance_loads(model, records) if model.training else None
-        if biases is None:
-            biases = balance_biases(model)
+        if model.training:  # the one place a batch moves the routers' buffers
+            update_routing_buffers(model, records)
+        emas, biases = usage_emas(model), balance_biases(model)
         w_balance, w_z = self.moe_balance_loss_weight, self.moe_z_loss_weight
         balances = self.balance_losses(model, records, sample)
         terms = [w_balance * b + w_z * r.z_loss for r, b in zip(records, balances, strict=True)]

@@ -288,6 +288,18 @@ class RoutingMonitor:
             )
         return new_weight
 
+    def epoch_state(self) -> dict:
+        """What ``end_epoch`` depends on besides the weight: the epoch number and this epoch's
+        training checks so far (saved with the criterion's state, ``criterion_state.py``)."""
+        return {"epoch": self._epoch, "checks": self._epoch_checks,
+                "imbalanced": self._epoch_imbalanced}  # fmt: skip
+
+    def load_epoch_state(self, state: dict) -> None:
+        """Take back ``epoch_state``'s state."""
+        self._epoch = int(state["epoch"])
+        self._epoch_checks = int(state["checks"])
+        self._epoch_imbalanced = int(state["imbalanced"])
+
     def _warn(self, line: str) -> None:
         if self._emit is not None:
             self._emit(line)

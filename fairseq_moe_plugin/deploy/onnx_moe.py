@@ -57,8 +57,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules.experts import StackedExperts, get_activation_fn
+from ..modules.activations import get_activation_fn
+from ..modules.expert_kinds import ExpertKindUnsupported
 from ..modules.moe_layer import MoELayer
+from ..modules.routing.router import FALLBACK_OTHER_LOGIT
 
 MOE_OPS = ("plain", "fused", "qmoe")
 # Our expert activations -> the contrib ops' activation_type; exact ones map to the same function.
@@ -79,22 +81,19 @@ def check_exportable_moe(moe: nn.Module, name: str, moe_op: str = "plain") -> No
     if not isinstance(moe, MoELayer):
         raise ExportError(f"{name}: not an MoE layer ({type(moe).__name__})")
     experts, gate = moe.experts, moe.gate
-    if not isinstance(experts, StackedExperts):
-        raise ExportError(
-            f"{name}: {type(experts).__name__} experts are not supported by the ONNX export "
-            "(only FFN experts: not --moe-expert-type lora, nor int8 experts; export the fp32 "
-            "model, and use --moe-op qmoe for int8 experts)"
-        )
+    try:  # the kind says whether it exports (FFN experts do; LoRA and int8 do not)
+        experts.check_onnx_export()
+    except ExpertKindUnsupported as err:
+        raise ExportError(f"{name}: {err}") from err
     if experts.expert_parallel is not None or experts.num_local_experts != experts.num_experts:
         raise ExportError(
             f"{name}: expert parallelism (--moe-expert-parallel-size > 1) is not supported; "
             "load the consolidated checkpoint on one process"
         )
-    if gate.routing == "expert_choice":
+    if not gate.method.onnx_static:
         raise ExportError(
-            f"{name}: expert-choice routing is not supported by the ONNX export: each expert "
-            "takes its top C tokens of the whole batch, which a per-token static graph does not "
-            "compute"
+            f"{name}: {gate.method.title} is not supported by the ONNX export: "
+            f"{gate.method.reason('onnx_static')}"
         )
     if getattr(gate, "bias_balancing_rate", 0.0) > 0 and moe_op != "plain":
         raise ExportError(
@@ -292,15 +291,12 @@ class ExportMoE(nn.Module):
         self.select_bias = getattr(gate, "balance_bias", None)  # E, or None
         self.fallback_expert = int(getattr(gate, "fallback_expert", -1))
         if self.fallback_expert >= 0:  # the gate's fallback_nonfinite: a one-hot row of logits
-            from ..modules.gate import FALLBACK_OTHER_LOGIT
-
             row = torch.full((1, gate.num_experts), FALLBACK_OTHER_LOGIT)
             row[0, self.fallback_expert] = 0.0
             self.register_buffer("fallback_logits", row, persistent=False)
-        num_experts, d_ff, d_model = experts.fc1_weight.shape
         with torch.no_grad():
-            w1, b1 = experts.fc1_weight.detach().float(), experts.fc1_bias.detach().float()
-            w2, b2 = experts.fc2_weight.detach().float(), experts.fc2_bias.detach().float()
+            w1, b1, w2, b2 = experts.onnx_weights()  # fp32 E x F x C, E x F, E x C x F, E x C
+            num_experts, d_ff, d_model = w1.shape
             if moe_op == "plain":
                 buffers = {"w1cat": w1.reshape(num_experts * d_ff, d_model).t().contiguous(),
                            "b1cat": b1.reshape(-1).clone(),

@@ -189,8 +189,11 @@ def save_and_load_sharded_checkpoints_with_fairseq() -> None:
 
     Trainer.state_dict = _patched(state_dict, new_state_dict)
     Trainer.load_checkpoint = _patched(load_checkpoint, new_load_checkpoint)
-    Trainer.always_call_state_dict_during_save_checkpoint = property(
-        lambda self: always_call.fget(self) or writes_sharded_checkpoints(self)
-    )
+
+    def new_always_call(self):
+        return always_call.fget(self) or writes_sharded_checkpoints(self)
+
+    new_always_call.__fairseq_moe_patched__ = True
+    Trainer.always_call_state_dict_during_save_checkpoint = property(new_always_call)
     checkpoint_utils.load_checkpoint_to_cpu = _patched(load_to_cpu, new_load_to_cpu)
     checkpoint_utils.save_checkpoint = _patched(save_checkpoint, new_save_checkpoint)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..modules.experts import StackedExperts
+from ..modules.expert_kinds import is_experts
 from .dcp_storage import ShardedCheckpointError, tensor_spec
 
 MARKER = "moe_dcp"
@@ -47,12 +47,14 @@ class ExpertRows:
 
 
 def expert_rows(model: torch.nn.Module) -> dict[str, ExpertRows]:
-    """``{state dict key: ExpertRows}`` of every stacked expert tensor of ``model``."""
+    """``{state dict key: ExpertRows}`` of every stacked expert tensor of ``model``: the
+    ``STACKED`` tensors of the expert kinds that can be sharded (``supports_expert_parallel``);
+    the others are whole on every process."""
     rows = {}
     for name, module in model.named_modules():
-        if isinstance(module, StackedExperts):
+        if is_experts(module) and module.supports_expert_parallel:
             layout = ExpertRows(module.first_expert, module.num_local_experts, module.num_experts)
-            for tensor in StackedExperts._STACKED:
+            for tensor in module.STACKED:
                 rows[f"{name}.{tensor}" if name else tensor] = layout
     return rows
 

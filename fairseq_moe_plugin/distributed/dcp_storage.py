@@ -37,7 +37,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from ..checkpoint_io import CheckpointError
+from ..checkpoint_fields import CheckpointError
 
 METADATA_FILE = ".metadata"
 

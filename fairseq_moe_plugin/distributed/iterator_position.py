@@ -31,6 +31,8 @@ from __future__ import annotations
 import functools
 import logging
 
+from ..checkpoint_fields import saved_option
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,8 +48,6 @@ def note_saved_world_size(state) -> None:
     itr = (state.get("extra_state") or {}).get("train_iterator")
     if not isinstance(itr, dict) or "moe_world_size" in itr:
         return
-    from ..checkpoint_io import saved_option
-
     world = saved_option(state, "distributed_training", "distributed_world_size")
     if world:
         itr["moe_world_size"] = int(world)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint_io import saved_option
+from ..checkpoint_fields import saved_option
 from ..modules.expert_parallel import active_expert_parallel_groups, expert_parallel_groups
 from .checkpoint_layout import assemble_state, expert_rows, split_state
 from .dcp_storage import ShardedCheckpointError, check_folder, load_into, save_folder

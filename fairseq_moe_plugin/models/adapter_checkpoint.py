@@ -17,32 +17,19 @@ record the base model's name, not a hash of its weights.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .provenance import record_base, sha256_file
 from .upcycle import dense_tensor, load_dense_state
 
+__all__ = ["AdapterCheckpointMixin", "complete_from_base", "record_base", "sha256_file",
+           "trim_state_dict"]  # fmt: skip
+
 logger = logging.getLogger(__name__)
-
-
-def sha256_file(path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def record_base(args, path) -> None:
-    """Put the base checkpoint's path and sha256 in ``args`` (saved with every checkpoint)."""
-    args.moe_base_checkpoint = str(path)
-    args.moe_base_sha256 = sha256_file(path)
-    logger.info(f"adapter-only checkpoints: base {path} (sha256 {args.moe_base_sha256[:16]}...)")
 
 
 def adapter_only(args) -> bool:

@@ -1,8 +1,10 @@
 """Expert growth: add N experts to every MoE layer of a trained model's state dict.
 
 DyLoRA-MoE (Liu et al. 2024, "Dynamic LoRA-based Mixture of Experts") adds experts during
-training; this does it between two runs, on a checkpoint's weights, for ``ffn`` and ``lora``
-experts alike. Pure functions on a state dict and a model config; torch only.
+training; this does it between two runs, on a checkpoint's weights, for every expert kind of
+``modules/expert_kinds.EXPERT_KINDS`` (``ffn`` and ``lora``), whose tensors the kind declares
+(``STACKED``, ``SHARED_STATE``, ``GROW_ZERO``). Pure functions on a state dict and a model
+config; torch only.
 
 Every MoE layer ``P`` (a key ``P.gate.wg.weight``, e.g. ``encoder.layers.1.moe``) gets ``N`` new
 router rows and ``N`` new experts, and always a router bias ``P.gate.wg.bias`` (zeros for the old
@@ -46,10 +48,15 @@ from collections import Counter
 
 import torch
 
+from ..modules.expert_kinds import EXPERT_KINDS, Experts
+from ..modules.experts import StackedExperts
+from ..modules.lora_experts import LoRAExperts
+from ..modules.routing import routing_method
+
 ROUTER_SUFFIX = ".gate.wg.weight"
-FFN_STACKS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")  # E x ...
-LORA_STACKS = ("lora_a1", "lora_b1", "lora_a2", "lora_b2")  # E x ...
-LORA_SHARED = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # the frozen FFN, not per expert
+FFN_STACKS = StackedExperts.STACKED  # E x ...
+LORA_STACKS = LoRAExperts.STACKED  # E x ...
+LORA_SHARED = LoRAExperts.SHARED_STATE  # the frozen FFN, not per expert
 GATE_KEYS = ("wg.weight", "wg.bias", "usage_ema", "routing_updates", "balance_bias", "balance_load")
 ROUTER_INITS = ("offset", "copy")
 
@@ -70,32 +77,33 @@ def moe_layer_prefixes(state: dict) -> list[str]:
 
 
 def expert_type(state: dict, prefix: str) -> str:
-    """``ffn`` or ``lora``, from the layer's expert tensors; ValueError for anything else."""
-    if f"{prefix}.experts.fc1_weight" in state:
-        return "ffn"
-    if f"{prefix}.experts.lora_a1" in state:
-        return "lora"
-    raise ValueError(
-        f"MoE layer {prefix} has neither ffn experts ({prefix}.experts.fc1_weight) nor lora "
-        f"experts ({prefix}.experts.lora_a1)"
+    """The layer's expert kind (``ffn`` or ``lora``: the ``EXPERT_KINDS`` whose first stacked
+    tensor it has); ValueError for anything else."""
+    for name, kind in EXPERT_KINDS.items():
+        if f"{prefix}.experts.{kind.STACKED[0]}" in state:
+            return name
+    kinds = " nor ".join(
+        f"{name} experts ({prefix}.experts.{kind.STACKED[0]})"
+        for name, kind in EXPERT_KINDS.items()
     )
+    raise ValueError(f"MoE layer {prefix} has neither {kinds}")
 
 
-def _layer_keys(state: dict, prefix: str) -> tuple[str, list[str]]:
-    """The layer's expert type and per-expert stack names; ValueError naming a key under
+def _layer_keys(state: dict, prefix: str) -> tuple[type[Experts], list[str]]:
+    """The layer's expert kind and per-expert stack names; ValueError naming a key under
     ``P.gate.`` or ``P.experts.`` that growth does not know how to extend."""
-    kind = expert_type(state, prefix)
-    stacks = list(FFN_STACKS if kind == "ffn" else LORA_STACKS)
+    expert_class = EXPERT_KINDS[expert_type(state, prefix)]
+    kind = expert_class.kind
+    stacks = list(expert_class.STACKED)
     known = {f"{prefix}.experts.{s}" for s in stacks} | {f"{prefix}.gate.{g}" for g in GATE_KEYS}
-    if kind == "lora":
-        known |= {f"{prefix}.experts.{s}" for s in LORA_SHARED}
+    known |= {f"{prefix}.experts.{s}" for s in expert_class.SHARED_STATE}
     for key in state:
         if key.startswith((f"{prefix}.gate.", f"{prefix}.experts.")) and key not in known:
             raise ValueError(f"cannot grow {key}: not a router or {kind} expert tensor known here")
     missing = [s for s in stacks if f"{prefix}.experts.{s}" not in state]
     if missing:
         raise ValueError(f"MoE layer {prefix} lacks its {kind} expert tensors {missing}")
-    return kind, stacks
+    return expert_class, stacks
 
 
 def _expert_count(state: dict, prefixes: list[str], cfg) -> int:
@@ -165,9 +173,10 @@ def _noisy(rows: torch.Tensor, noise: float, generator: torch.Generator, dims) -
 
 
 def _new_experts(stack: torch.Tensor, name: str, fan_in: int, sources: list, num_new: int,
-                 noise: float, generator) -> torch.Tensor:  # fmt: skip
+                 noise: float, generator, zero: bool = False) -> torch.Tensor:  # fmt: skip
     """The ``num_new`` new rows (n x ...) of the per-expert stack ``name`` (E x ...), in fp32;
-    ``fan_in`` is the input width of the expert's weight (of the bias's weight for a bias)."""
+    ``fan_in`` is the input width of the expert's weight (of the bias's weight for a bias);
+    ``zero``: fresh rows start at zero (the kind's ``GROW_ZERO``, e.g. LoRA's B)."""
     old = stack.float().cpu()
     if sources:  # copy: the sources' rows, weights with noise, biases exact
         rows = old[sources]  # n x ...
@@ -175,7 +184,7 @@ def _new_experts(stack: torch.Tensor, name: str, fan_in: int, sources: list, num
             return rows.clone()
         return _noisy(rows, noise, generator, dims=tuple(range(1, rows.dim())))
     shape = (num_new, *old.shape[1:])
-    if name.startswith("lora_b"):  # LoRA B starts at zero (PEFT)
+    if zero:  # e.g. LoRA B starts at zero (PEFT)
         return torch.zeros(shape)
     # nn.Linear's init (kaiming-uniform with a=sqrt(5) for the weights, PEFT's for LoRA A):
     # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases too.
@@ -183,11 +192,13 @@ def _new_experts(stack: torch.Tensor, name: str, fan_in: int, sources: list, num
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def _grow_experts(state, new, prefix, stacks, sources, num_new, noise, generator) -> None:
-    for name in stacks:
+def _grow_experts(state, new, prefix, kind, sources, num_new, noise, generator) -> None:
+    for name in kind.STACKED:
         key = f"{prefix}.experts.{name}"
         weight = state[key.replace("_bias", "_weight")]  # E x out x in
-        rows = _new_experts(state[key], name, weight.shape[-1], sources, num_new, noise, generator)
+        zero = name in kind.GROW_ZERO
+        rows = _new_experts(state[key], name, weight.shape[-1], sources, num_new, noise, generator,
+                            zero)  # fmt: skip
         new[key] = torch.cat([state[key], rows.to(state[key])], dim=0)  # its dtype and device
 
 
@@ -249,13 +260,10 @@ def grow_state_dict(state: dict, cfg, num_new: int, router_init: str = "offset",
         ValueError naming what is wrong: N < 1, no MoE layer, inconsistent expert counts, a
         source expert out of range, an expert-parallel size that does not divide E + N.
     """
-    routings = {str(config_value(cfg, key)) for key in ("moe_routing", "moe_decoder_routing")}
-    if "expert_choice" in routings:
-        raise ValueError(
-            "cannot grow an expert-choice model: each expert takes ceil(c * N / E) tokens, so "
-            "adding experts changes which tokens the old experts take, and the grown model "
-            "would not compute what the old one did"
-        )
+    for key in ("moe_routing", "moe_decoder_routing"):
+        method = routing_method(config_value(cfg, key) or "topk")
+        if not method.growable:
+            raise ValueError(f"cannot grow {method.a_label} model: {method.reason('growable')}")
     prefixes = moe_layer_prefixes(state)
     if not prefixes:
         raise ValueError(f"no MoE layer in the state dict (no key ends with .moe{ROUTER_SUFFIX})")
@@ -265,9 +273,9 @@ def grow_state_dict(state: dict, cfg, num_new: int, router_init: str = "offset",
     generator = torch.Generator().manual_seed(seed)
     new = dict(state)
     for prefix in prefixes:
-        _, stacks = _layer_keys(state, prefix)
+        kind, _ = _layer_keys(state, prefix)
         _grow_router(state, new, prefix, sources, num_new, offset, noise, generator, temperature)
-        _grow_experts(state, new, prefix, stacks, sources, num_new, noise, generator)
+        _grow_experts(state, new, prefix, kind, sources, num_new, noise, generator)
     updates = {"moe_expert_count": num_experts + num_new, "moe_router_bias": True}
     return new, updates
 

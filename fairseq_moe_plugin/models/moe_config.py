@@ -5,34 +5,37 @@ validation."""
 import logging
 from argparse import Namespace
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import List, Optional  # noqa: UP035  (fairseq parses typing.List)
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.utils import get_available_activation_fns
 
-from ..modules.expert_compute import IMPLS
-from ..modules.gate import (
-    BALANCE_LOSSES,
-    CAPACITY_PRIORITIES,
-    ROUTINGS,
-)
+from ..modules.expert_kinds import EXPERT_KINDS, INT8_KINDS, PLACEMENTS
+from ..modules.gate import BALANCE_LOSSES
+from ..modules.grouped_gemm import IMPLS
+from ..modules.routing import ROUTING_METHODS
+from ..modules.routing.capacity import CAPACITY_PRIORITIES
 
-# The validation lives in config_checks.py; the models import it from here.
-from .config_checks import decoder_routing, validate_moe_args  # noqa: E402, F401
+# The validation table lives in config_rules.py; the models import it from here.
+from .config_rules import decoder_routing, validate_moe_args  # noqa: E402, F401
 
 logger = logging.getLogger(__name__)
 
 ACTIVATION_CHOICES = ChoiceEnum(get_available_activation_fns())
 UPCYCLE_ROUTER_CHOICES = ChoiceEnum(["random", "zero"])
 EXPERT_IMPL_CHOICES = ChoiceEnum(list(IMPLS))
-ROUTING_CHOICES = ChoiceEnum(list(ROUTINGS))
+ROUTING_CHOICES = ChoiceEnum(list(ROUTING_METHODS))
 BALANCE_LOSS_CHOICES = ChoiceEnum(list(BALANCE_LOSSES))
-PLACEMENT_CHOICES = ChoiceEnum(["replace", "parallel"])
+PLACEMENT_CHOICES = ChoiceEnum(list(PLACEMENTS))
 CAPACITY_PRIORITY_CHOICES = ChoiceEnum(list(CAPACITY_PRIORITIES))
-INT8_MODES = ("off", "dynamic", "weight_only")
+INT8_MODES = ("off", *INT8_KINDS)
 INT8_CHOICES = ChoiceEnum(list(INT8_MODES))
-EXPERT_TYPE_CHOICES = ChoiceEnum(["ffn", "lora"])
+EXPERT_TYPE_CHOICES = ChoiceEnum(list(EXPERT_KINDS))
 CHECKPOINT_FORMAT_CHOICES = ChoiceEnum(["consolidated", "sharded"])
+
+
+def _provenance(writer: str, what: str):  # written by the tools (models/provenance.py)
+    return field(default=None, metadata={"help": f"written by {writer} (provenance): {what}"})
 
 
 @dataclass
@@ -360,6 +363,16 @@ class MoEConfig(FairseqDataclass):
             "help": "every N-th decoder layer (layers N-1, 2N-1, ... counting from 0) has an "
             "MoE FFN; 0 = none (the dense transformer)"
         },
+    )
+    moe_upcycled_from: Optional[str] = _provenance(
+        "--moe-init-from-dense", "the dense checkpoint the model was upcycled from"
+    )
+    moe_base_new: Optional[List[str]] = _provenance(  # noqa: UP006  (fairseq parses typing.List)
+        "--moe-init-from-dense",
+        "the tensors the dense checkpoint lacked (adapter-only checkpoints keep them)",
+    )
+    moe_base_sha256: Optional[str] = _provenance(
+        "--moe-save-trainable-only", "the sha256 of an adapter-only checkpoint's base checkpoint"
     )
 
 

@@ -23,7 +23,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_hasattr
 
 from ..expert_parallel_training import keep_shards_out_of_ddp
-from ..modules.experts import StackedExperts
+from ..modules.expert_kinds import is_experts
 from .adapter_checkpoint import AdapterCheckpointMixin
 from .frozen_base import log_trainable
 from .moe_config import MoEConfig, moe_config_defaults, moe_config_from_namespace, validate_moe_args
@@ -36,10 +36,10 @@ logger = logging.getLogger(__name__)
 
 def init_experts_like_bert(module: nn.Module) -> None:
     """What ``init_bert_params`` does to a dense FFN (weights N(0, 0.02), zero biases), for
-    every stacked expert."""
+    every stacked expert (each kind's ``init_like_bert``)."""
     for m in module.modules():
-        if isinstance(m, StackedExperts):
-            m.reset_parameters(std=0.02)
+        if is_experts(m):
+            m.init_like_bert()
 
 
 class MoERobertaEncoder(RobertaEncoder):

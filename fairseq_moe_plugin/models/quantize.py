@@ -32,8 +32,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ..modules.experts import StackedExperts
-from ..modules.int8_experts import Int8StackedExperts
+from ..modules.expert_kinds import ExpertKindUnsupported, is_experts
 from ..modules.moe_layer import MoELayer
 
 logger = logging.getLogger(__name__)
@@ -72,12 +71,10 @@ def quantize_model_(model: nn.Module, compute: str = "dynamic") -> nn.Module:
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
-        if not isinstance(layer.experts, StackedExperts):
-            raise ValueError(
-                f"{layer.name}: --moe-int8 supports FFN experts (StackedExperts), not "
-                f"{type(layer.experts).__name__}"
-            )
-        layer.experts = Int8StackedExperts.from_float(layer.experts, compute)
+        try:  # the kind's int8 form (``Int8StackedExperts`` for FFN experts)
+            layer.experts = layer.experts.quantized_int8(compute)
+        except ExpertKindUnsupported as err:
+            raise ValueError(f"{layer.name}: {err}") from err
     names = int8_linear_names(model)
     with warnings.catch_warnings():  # torch's deprecation notice for quantised tensors
         warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)
@@ -103,4 +100,5 @@ def quantize_model_(model: nn.Module, compute: str = "dynamic") -> nn.Module:
 
 
 def is_int8(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8StackedExperts) for m in model.modules())
+    """Whether ``model`` holds quantised experts (the int8 kind)."""
+    return any(is_experts(m) and m.quantized for m in model.modules())

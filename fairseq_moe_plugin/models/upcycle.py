@@ -40,20 +40,31 @@ from pathlib import Path
 
 import torch
 
+from ..modules.expert_kinds import EXPERT_KINDS
+from .provenance import record_base, record_upcycling
+
 logger = logging.getLogger(__name__)
 
-EXPERT_SOURCES = {  # MoE parameter suffix -> the dense FFN parameter it is copied from
-    "moe.experts.fc1_weight": "fc1.weight",
-    "moe.experts.fc1_bias": "fc1.bias",
-    "moe.experts.fc2_weight": "fc2.weight",
-    "moe.experts.fc2_bias": "fc2.bias",
+# Each expert kind's ``UPCYCLE`` rule (``modules/expert_protocol.UpcycleRule``): MoE parameter
+# suffix -> the dense FFN parameter it is copied from, into every expert (FFN experts' stacks) or
+# once (LoRA experts' shared frozen FFN).
+EXPERT_SOURCES = {
+    f"moe.experts.{tensor}": dense
+    for kind in EXPERT_KINDS.values()
+    if kind.UPCYCLE.into_every_expert
+    for tensor, dense in kind.UPCYCLE.sources.items()
 }
-LORA_BASE_SOURCES = {  # LoRA experts' shared frozen FFN (``LoRAExperts``) -> the dense FFN
-    "moe.experts.fc1.weight": "fc1.weight",
-    "moe.experts.fc1.bias": "fc1.bias",
-    "moe.experts.fc2.weight": "fc2.weight",
-    "moe.experts.fc2.bias": "fc2.bias",
+KIND_BASE_SOURCES = {
+    f"moe.experts.{tensor}": dense
+    for kind in EXPERT_KINDS.values()
+    if not kind.UPCYCLE.into_every_expert
+    for tensor, dense in kind.UPCYCLE.sources.items()
 }
+_KIND_NEW = "".join(
+    "|" + re.escape(f".moe.experts.{prefix}")
+    for kind in EXPERT_KINDS.values()
+    for prefix in kind.UPCYCLE.new
+)
 SHARED_SOURCES = {  # shared experts (one FFN of width N*F) -> the dense FFN, tiled along dim
     "moe.shared.fc1.weight": ("fc1.weight", 0),
     "moe.shared.fc1.bias": ("fc1.bias", 0),
@@ -68,9 +79,9 @@ ROUTER = re.compile(
     r"\.moe\.gate\.(wg\.weight|wg\.bias|usage_ema|routing_updates|balance_bias|balance_load)$"
 )
 # Parameters a dense source may lack: new heads, an LM head when the source is a translation
-# encoder, and LoRA deltas.
+# encoder, and the expert kinds' new tensors (``UpcycleRule.new``: LoRA deltas).
 MAY_BE_NEW = re.compile(
-    r"^(classification_heads\.|encoder\.lm_head\.)|\.version$|_float_tensor$|\.moe\.experts\.lora_"
+    r"^(classification_heads\.|encoder\.lm_head\.)|\.version$|_float_tensor$" + _KIND_NEW
 )
 
 
@@ -124,7 +135,7 @@ def _mapping(name: str, names: set[str]) -> tuple[str | None, str, float]:
             gated = layer + "moe.shared.gate.weight" in names
             scale = 1.0 if "fc1" in suffix else (1.0 if gated else 0.5)
             return layer + source, "sum" if dim is None else f"tile{dim}", scale
-    for suffix, source in LORA_BASE_SOURCES.items():
+    for suffix, source in KIND_BASE_SOURCES.items():
         if name.endswith(suffix):
             return name[: -len(suffix)] + source, "copy", 1.0
     return name, "copy", 1.0
@@ -211,7 +222,7 @@ def upcycle(model: torch.nn.Module, dense: dict, noise: float = 0.0, router_init
                 if how == "stack":
                     suffix = next(s for s in EXPERT_SOURCES if name.endswith(s))
                     stack = model.get_submodule(name[: -len(suffix)] + "moe.experts")
-                    stack.add_noise_(suffix.rsplit(".", 1)[1], std)
+                    stack.upcycle_noise_(suffix.rsplit(".", 1)[1], std)
                 else:  # shared experts: one draw of the global RNG per weight
                     target.add_(torch.randn(target.shape).mul_(std).to(target.dtype))
     unused = sorted(set(dense) - used)
@@ -245,14 +256,8 @@ def maybe_upcycle(model: torch.nn.Module, args) -> None:
         router_init=str(getattr(args, "moe_upcycle_router_init", "random")),
         source=str(path),
     )
-    args.moe_upcycled_from = str(path)
-    args.moe_init_from_dense = None
-    # What the dense checkpoint did not provide (new heads, LoRA deltas, ...): an adapter-only
-    # checkpoint keeps these even when frozen, as no base can give them back.
-    args.moe_base_new = list(report["new"])
+    record_upcycling(args, path, report["new"])
     if getattr(args, "moe_save_trainable_only", False):
-        from .adapter_checkpoint import record_base
-
         record_base(args, path)
 
 

@@ -16,7 +16,7 @@ assignments of this rank sorted by global expert (``DispatchPlan``):
 2. the rows (M x C, padding never included) go to their experts' ranks with a variable-size
    ``all_to_all_single`` (gloo and NCCL both take uneven splits in this form);
 3. the local experts run on what arrived, grouped by local expert: today's grouped FFN (in
-   eval mode, on each peer's rows apart, on the path ``expert_compute.pick_impl`` picks for that
+   eval mode, on each peer's rows apart, on the path ``grouped_gemm.pick_impl`` picks for that
    peer's whole batch: every expert then multiplies exactly the rows one process holding all
    experts multiplies for that batch, the same way, so generation gives the same bits);
 4. the outputs go back by the reverse exchange, arrive in the order they were sent, and each token
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .expert_compute import RoutingCounts
-from .grouped_ffn import DispatchPlan, _combine
+from .dispatch import DispatchPlan, combine
+from .grouped_gemm import RoutingCounts
 
 
 @dataclass(frozen=True)
@@ -210,4 +210,4 @@ def expert_parallel_ffn(
 
     back = torch.cat([back, back.new_zeros(1, back.shape[1])])  # row M: the dropped choices
     # the combine of one process holding every expert (the same operations, so the same bits)
-    return _combine(back, plan.combine_index, weight.to(back.dtype), inplace=False)  # N x C
+    return combine(back, plan.combine_index, weight.to(back.dtype), inplace=False)  # N x C

@@ -34,8 +34,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from .dispatch import DispatchPlan
 from .expert_parallel import ExpertParallelGroups, expert_parallel_ffn
-from .grouped_ffn import DispatchPlan
 
 _STACKS: list[weakref.ref] = []  # id - 1 -> the stack's list of MoE layers with sharded experts
 

@@ -1,5 +1,6 @@
 """E feed-forward experts with stacked weights, computed on expert-contiguous token slices
-(the compute itself, forward and backward, is ``grouped_ffn.grouped_expert_ffn``).
+(the compute itself, forward and backward, is ``expert_loop.grouped_expert_ffn``, or a
+grouped GEMM, ``grouped_gemm.py``). The ``ffn`` kind of ``expert_kinds.EXPERT_KINDS``.
 
 Weights are stored stacked, expert-major, in ``nn.Linear`` layout:
 
@@ -26,35 +27,24 @@ Plain arguments; no fairseq needed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .expert_compute import IMPLS, grouped_mm_ffn, padded_ffn, pick_impl
-from .expert_parallel import ExpertParallelGroups, gathers_expert_state
+from .activations import get_activation_fn
+from .dispatch import DispatchPlan, cast_once, check_plan
+from .expert_loop import grouped_expert_ffn
+from .expert_parallel import ExpertParallelGroups, expert_parallel_groups, gathers_expert_state
+from .expert_protocol import UpcycleRule
 from .gate import check_routing_options
 from .grad_buffers import GradientBuffers
-from .grouped_ffn import DispatchPlan, cast_once, check_plan, grouped_expert_ffn
+from .grouped_gemm import IMPLS, grouped_mm_ffn, padded_ffn, pick_impl
+from .int8_experts import Int8StackedExperts
+from .placements import placement
 
-_ACTIVATIONS = ("relu", "gelu", "gelu_fast", "gelu_accurate", "tanh", "linear")
-
-
-def get_activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activations fairseq's ``utils.get_activation_fn`` knows, without importing fairseq."""
-    if name == "relu":
-        return F.relu
-    if name == "gelu":
-        return F.gelu
-    if name in ("gelu_fast", "gelu_accurate"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "tanh":
-        return torch.tanh
-    if name == "linear":
-        return lambda x: x
-    raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(_ACTIVATIONS)}")
+__all__ = ["StackedExperts", "expert_generators", "get_activation_fn"]
 
 
 def expert_generators(expert_ids: range):
@@ -79,8 +69,8 @@ class StackedExperts(nn.Module):
             nothing else holds them (see ``grad_buffers.py``); they stay allocated between
             updates, and ``eval()`` frees them.
         expert_parallel: the expert-parallel layout; None (default) holds all E experts.
-        impl: how the matmuls are issued (``expert_compute.IMPLS``): ``auto`` (default) picks
-            per call, see ``expert_compute.pick_impl``.
+        impl: how the matmuls are issued (``grouped_gemm.IMPLS``): ``auto`` (default) picks
+            per call, see ``grouped_gemm.pick_impl``.
         zero_output: initialise every expert's output projection (``fc2_weight``,
             ``fc2_bias``) to zero, here and in every ``reset_parameters``: the experts then add
             nothing at first (``--moe-expert-placement parallel``), and only fc2 gets a
@@ -88,6 +78,23 @@ class StackedExperts(nn.Module):
     """
 
     _STACKED = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+    # The ``Experts`` protocol (``expert_protocol.py``): every capability, no shared state.
+    kind = "ffn"
+    shares_dense_ffn = reads_lora_options = quantized = False
+    supports_expert_parallel = supports_parallel_placement = True
+    supports_shared_experts = supports_cmr = supports_int8 = True
+    STACKED = _STACKED
+    SHARED_STATE: tuple[str, ...] = ()
+    GROW_ZERO: tuple[str, ...] = ()
+    UPCYCLE = UpcycleRule(
+        {
+            "fc1_weight": "fc1.weight",
+            "fc1_bias": "fc1.bias",
+            "fc2_weight": "fc2.weight",
+            "fc2_bias": "fc2.bias",
+        },  # fmt: skip
+        into_every_expert=True,
+    )
 
     def __init__(
         self,
@@ -131,6 +138,25 @@ class StackedExperts(nn.Module):
             for p in self.parameters():
                 p.expert = True  # fairseq's marker: not all-reduced with the data-parallel grads
         self.reset_parameters()
+
+    @classmethod
+    def from_config(
+        cls, moe_cfg, d_model: int, ffn_dim: int, activation_fn: str, activation_dropout: float
+    ) -> StackedExperts:
+        """The experts of one layer from the model's MoE options (``MoEConfig``): their own
+        size and activation when set (``--moe-expert-ffn-dim``, ``--moe-activation-fn``), else
+        the dense FFN's; zero output under a placement beside the dense FFN."""
+        return cls(
+            moe_cfg.moe_expert_count,
+            d_model,
+            moe_cfg.moe_expert_ffn_dim or ffn_dim,
+            activation_fn=moe_cfg.moe_activation_fn or activation_fn,
+            activation_dropout=activation_dropout,
+            reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
+            expert_parallel=expert_parallel_groups(moe_cfg.moe_expert_parallel_size),
+            impl=moe_cfg.moe_expert_impl,
+            zero_output=placement(moe_cfg).experts_start_at_zero,  # adds nothing at first
+        )
 
     @property
     def local_expert_ids(self) -> range:
@@ -218,7 +244,7 @@ class StackedExperts(nn.Module):
             plan: where each kept (token, choice) assignment goes (``DispatchPlan``).
             weight: N x k combine weights (0 where dropped); None means 1.
             decide_on: the routing whose counts choose the ``auto`` path
-                (``expert_compute.pick_impl``); default ``plan``.
+                (``grouped_gemm.pick_impl``); default ``plan``.
         Returns:
             N x d_model: row t is ``sum_j weight[t, j] * expert(x[t])`` over t's kept choices
             (zero for a token with none), in the experts' compute dtype (the autocast dtype
@@ -256,6 +282,33 @@ class StackedExperts(nn.Module):
                 dropout_p=dropout_p,
                 grad_buffers=self.grad_buffers,
             )
+
+    def stacked_parameters(self) -> list[torch.Tensor]:
+        """Every parameter is per expert (stacked along E)."""
+        return list(self.parameters())
+
+    def expert_macs(self, tokens: int, assignments: float) -> float:
+        """Two matmuls per assignment: ``2 C F`` multiply-adds each."""
+        return assignments * 2 * self.d_model * self.d_ff
+
+    def check_onnx_export(self) -> None:
+        """FFN experts export (``deploy/onnx_moe.py``)."""
+
+    def onnx_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 copies of the four stacks, E x F x C, E x F, E x C x F, E x C."""
+        return tuple(getattr(self, name).detach().float() for name in self._STACKED)
+
+    def quantized_int8(self, compute: str) -> Int8StackedExperts:
+        """int8 experts (``--moe-int8 compute``) quantised from these."""
+        return Int8StackedExperts.from_float(self, compute)
+
+    def upcycle_noise_(self, name: str, std: float) -> None:
+        """Sparse upcycling's noise on every expert's copy of the dense FFN (``add_noise_``)."""
+        self.add_noise_(name, std)
+
+    def init_like_bert(self) -> None:
+        """N(0, 0.02) weights, zero biases, as ``init_bert_params`` does to a dense FFN."""
+        self.reset_parameters(std=0.02)
 
     def train(self, mode: bool = True) -> StackedExperts:
         if not mode:

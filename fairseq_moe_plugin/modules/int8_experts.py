@@ -21,6 +21,10 @@ Two ways to compute with them (``INT8_COMPUTE``):
 What this adds to torch's dynamic quantisation (which quantises ``nn.Linear`` modules): experts
 stored as one stacked tensor per layer, quantised per expert, run on the expert-sorted rows of a
 ``DispatchPlan`` (only the experts that received rows run). Inference only: no autograd.
+
+The ``int8`` kind of ``expert_kinds.INT8_KINDS`` (one entry per ``--moe-int8`` mode); the hooks an
+inference-only, quantised form cannot offer (ONNX export, upcycling, growth) raise
+``ExpertKindUnsupported``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .experts import StackedExperts, get_activation_fn
-from .grouped_ffn import DispatchPlan, _combine, _expert_slices, check_plan
+from .activations import get_activation_fn
+from .dispatch import DispatchPlan, check_plan, combine, expert_slices
+from .expert_protocol import ExpertKindUnsupported, Experts, NoExportNoInt8, UpcycleRule
 
 INT8_COMPUTE = ("dynamic", "weight_only")
 QMAX = 127
@@ -70,13 +75,23 @@ def _pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
         return torch.ops.quantized.linear_prepack(qweight, bias.float())
 
 
-class Int8StackedExperts(nn.Module):
+class Int8StackedExperts(NoExportNoInt8, nn.Module):
     """E FFN experts ``fc2(act(fc1(x)))`` with int8 weights (see the module doc).
 
     Built empty (zeros) from the sizes, then filled by ``load_state_dict`` (a checkpoint written
     by ``fairseq-moe-quantize``) or by ``from_float``. Same forward contract as
     ``StackedExperts.forward``; eval only (no dropout, no autograd), CPU only.
     """
+
+    # The ``Experts`` protocol (``expert_protocol.py``): inference on one process only.
+    kind = "int8"
+    shares_dense_ffn = reads_lora_options = supports_expert_parallel = False
+    supports_parallel_placement = supports_shared_experts = supports_cmr = True
+    supports_int8 = quantized = True
+    STACKED = ("fc1_qweight", "fc1_scale", "fc1_bias", "fc2_qweight", "fc2_scale", "fc2_bias")
+    SHARED_STATE: tuple[str, ...] = ()
+    GROW_ZERO: tuple[str, ...] = ()
+    UPCYCLE = UpcycleRule({}, into_every_expert=True)  # quantised from trained experts only
 
     def __init__(
         self,
@@ -107,8 +122,8 @@ class Int8StackedExperts(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, experts: StackedExperts, compute: str = "dynamic") -> Int8StackedExperts:
-        """Quantise fp32 stacked experts (all E on this process)."""
+    def from_float(cls, experts: Experts, compute: str = "dynamic") -> Int8StackedExperts:
+        """Quantise fp32 stacked experts (``StackedExperts``, all E on this process)."""
         if experts.expert_parallel is not None:
             raise ValueError("int8 experts hold every expert: gather expert-parallel shards first")
         new = cls(
@@ -167,9 +182,24 @@ class Int8StackedExperts(nn.Module):
         rows = x.index_select(0, plan.token_index)  # M x C, sorted by expert
         out = x.new_empty(plan.num_rows + 1, x.shape[1])  # (M+1) x C, row M zero (dropped)
         out[plan.num_rows].zero_()
-        for e, start, end in _expert_slices(plan):
+        for e, start, end in expert_slices(plan):
             out[start:end] = self.expert_forward(e, rows[start:end])
-        return _combine(out, plan.combine_index, None if weight is None else weight.float())
+        return combine(out, plan.combine_index, None if weight is None else weight.float())
+
+    def stacked_parameters(self) -> list[torch.Tensor]:
+        """None: the int8 stacks are buffers (no trainable parameter per expert)."""
+        return list(self.parameters())
+
+    def expert_macs(self, tokens: int, assignments: float) -> float:
+        """Two matmuls per assignment, as ``StackedExperts``: ``2 C F`` each."""
+        return assignments * 2 * self.d_model * self.d_ff
+
+    def upcycle_noise_(self, name: str, std: float) -> None:
+        """int8 experts are quantised from trained ones, never upcycled."""
+        raise ExpertKindUnsupported("int8 experts are not upcycled: upcycle the fp32 model")
+
+    def init_like_bert(self) -> None:
+        """Nothing: the int8 weights come from a checkpoint or ``from_float``."""
 
     def extra_repr(self) -> str:
         return (

@@ -29,7 +29,7 @@ What this adds over E PEFT-wrapped FFNs: the shared base is computed once per to
 activation and fc2 on N rows, not on the M (token, expert) assignments), and only the low-rank
 deltas are per assignment: grouped rank-r matmuls over the expert-contiguous slices of a
 ``DispatchPlan`` (the tokens routed to each expert), combined per token with the router weights
-(``grouped_ffn._combine``, dropped choices adding nothing). Matmul FLOPs:
+(``dispatch.combine``, dropped choices adding nothing). Matmul FLOPs:
 ``4 N C F + 4 M r (C + F)``. Each assignment draws its own LoRA dropout mask (each expert's
 adapter has its own dropout, as in PEFT); activation dropout is drawn once per token.
 
@@ -43,7 +43,8 @@ Parameters (state-dict names under ``P.experts.``), ``C`` = d_model, ``F`` = d_f
   so that a fresh layer is exactly the frozen FFN.
 
 Expert parallelism is not supported: every rank holds all E experts (``expert_parallel`` is
-None). Plain arguments; no fairseq needed.
+None). The ``lora`` kind of ``expert_kinds.EXPERT_KINDS``; the hooks it cannot offer (ONNX export,
+int8) raise ``ExpertKindUnsupported``. Plain arguments; no fairseq needed.
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .experts import expert_generators, get_activation_fn
+from .activations import get_activation_fn
+from .dispatch import DispatchPlan, cast_once, check_plan, combine, expert_slices
+from .expert_protocol import ExpertKindUnsupported, NoExportNoInt8, UpcycleRule
+from .experts import expert_generators
 from .gate import check_routing_options
-from .grouped_ffn import DispatchPlan, _combine, _expert_slices, cast_once, check_plan
 
 _LORA = ("lora_a1", "lora_b1", "lora_a2", "lora_b2")
+_BASE = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")  # the frozen FFN, not per expert
 
 
 def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
@@ -71,7 +75,7 @@ def check_lora_options(rank: int, alpha: float, dropout: float) -> None:
         raise ValueError(f"LoRA dropout (--moe-lora-dropout) must be in [0, 1), got {dropout}")
 
 
-class LoRAExperts(nn.Module):
+class LoRAExperts(NoExportNoInt8, nn.Module):
     """E low-rank experts adapting one frozen FFN at fc1 and fc2, mixed per linear layer
     (module doc).
 
@@ -86,6 +90,19 @@ class LoRAExperts(nn.Module):
         activation_fn: a name from fairseq's activations (``relu``, ``gelu``, ...).
         activation_dropout: dropout after the activation (fairseq's ``--activation-dropout``).
     """
+
+    # The ``Experts`` protocol (``expert_protocol.py``): the dense FFN is the experts' base, so
+    # no expert parallelism, no placement beside it, no shared experts, CMR or int8.
+    kind = "lora"
+    shares_dense_ffn = reads_lora_options = True
+    supports_expert_parallel = supports_parallel_placement = False
+    supports_shared_experts = supports_cmr = supports_int8 = quantized = False
+    STACKED = _LORA
+    SHARED_STATE = _BASE
+    GROW_ZERO = ("lora_b1", "lora_b2")  # B starts at zero (PEFT)
+    UPCYCLE = UpcycleRule(
+        dict(zip(_BASE, _BASE, strict=True)), into_every_expert=False, new=("lora_",)
+    )
 
     def __init__(
         self,
@@ -125,6 +142,23 @@ class LoRAExperts(nn.Module):
         self.lora_a2 = nn.Parameter(torch.empty(num_experts, rank, d_ff))  # E x r x F
         self.lora_b2 = nn.Parameter(torch.empty(num_experts, d_model, rank))  # E x C x r
         self.reset_parameters()
+
+    @classmethod
+    def from_config(
+        cls, moe_cfg, d_model: int, ffn_dim: int, activation_fn: str, activation_dropout: float
+    ) -> LoRAExperts:
+        """The experts of one layer from the model's MoE options: the dense FFN's size and
+        activation, the LoRA options (``--moe-lora-rank``, ``-alpha``, ``-dropout``)."""
+        return cls(
+            moe_cfg.moe_expert_count,
+            d_model,
+            ffn_dim,
+            rank=moe_cfg.moe_lora_rank,
+            alpha=moe_cfg.moe_lora_alpha,
+            lora_dropout=moe_cfg.moe_lora_dropout,
+            activation_fn=activation_fn,
+            activation_dropout=activation_dropout,
+        )
 
     @property
     def local_expert_ids(self) -> range:
@@ -199,12 +233,12 @@ class LoRAExperts(nn.Module):
         a1, b1, a2, b2 = (params[n].unbind(0) for n in _LORA)  # E of r x C, F x r, r x F, C x r
         h = F.linear(x, params["fc1.weight"], params["fc1.bias"])  # N x F, once per token
         delta1 = self._expert_deltas(x, plan, a1, b1)  # (M+1) x F, last row 0
-        h = h + _combine(delta1, plan.combine_index, weight, inplace=False)  # N x F
+        h = h + combine(delta1, plan.combine_index, weight, inplace=False)  # N x F
         a = self.activation_fn(h)
         a = F.dropout(a, p=self.activation_dropout, training=self.training)  # N x F
         y = F.linear(a, params["fc2.weight"], params["fc2.bias"])  # N x C, once per token
         delta2 = self._expert_deltas(a, plan, a2, b2)  # (M+1) x C, last row 0
-        y = y + _combine(delta2, plan.combine_index, weight, inplace=False)  # N x C
+        y = y + combine(delta2, plan.combine_index, weight, inplace=False)  # N x C
         if plan.num_rows == 0 and torch.is_grad_enabled():
             # No expert ran: give the LoRA parameters zero gradients (not None), as
             # StackedExperts does, so that every rank's data-parallel reduction sees them.
@@ -222,12 +256,29 @@ class LoRAExperts(nn.Module):
         (M+1) x D_out, expert by expert, and a last zero row (dropped choices). Each expert's
         rows are gathered in turn (no M x D_in copy of the input at once)."""
         pieces = []
-        for e, start, end in _expert_slices(plan):
+        for e, start, end in expert_slices(plan):
             rows = source.index_select(0, plan.token_index[start:end])  # count x D_in
             low = (self._drop(rows) @ lora_a[e].t()) * self.scaling  # count x r, own mask
             pieces.append(low @ lora_b[e].t())  # count x D_out
         pieces.append(source.new_zeros(1, lora_b[0].shape[0]))  # the dropped choices' row
         return torch.cat(pieces)  # (M+1) x D_out
+
+    def stacked_parameters(self) -> list[torch.Tensor]:
+        """The deltas: the shared frozen FFN is not per expert."""
+        return [getattr(self, name) for name in _LORA]
+
+    def expert_macs(self, tokens: int, assignments: float) -> float:
+        """The frozen FFN once per token (``2 C F``), ``2 r (C + F)`` per assignment."""
+        d, f = self.d_model, self.d_ff
+        return tokens * 2 * d * f + assignments * 2 * self.rank * (d + f)
+
+    def upcycle_noise_(self, name: str, std: float) -> None:
+        """No noise: the dense FFN is copied once, into the frozen base (``UPCYCLE``)."""
+        raise ExpertKindUnsupported("LoRA experts copy the dense FFN once: no per-expert noise")
+
+    def init_like_bert(self) -> None:
+        """Nothing: ``init_bert_params`` initialises the base FFN (``nn.Linear``) itself; the
+        deltas keep PEFT's init (B zero)."""
 
     def extra_repr(self) -> str:
         return (

@@ -2,7 +2,7 @@
 
 Dispatch is sort-based (as MegaBlocks and Tutel's dropless path do): the (token, expert)
 assignments that survive capacity are sorted by expert (``DispatchPlan``), each expert runs on its
-contiguous slice, and each token sums its weighted outputs (``grouped_ffn``). No one-hot
+contiguous slice, and each token sums its weighted outputs (``dispatch.py``). No one-hot
 ``tokens x experts x capacity`` tensor is ever built, so memory grows with the number of
 assignments, not with T*E*C.
 
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .dispatch import DispatchPlan
 from .expert_parallel import expert_parallel_ffn
-from .experts import StackedExperts
+from .expert_protocol import Experts
 from .gate import TopKGate
-from .grouped_ffn import DispatchPlan
 from .record import MoERecord
 from .shared_experts import SharedExperts
 
@@ -32,7 +32,8 @@ class MoELayer(nn.Module):
 
     Args:
         gate: the router.
-        experts: the stacked experts (``experts.num_experts == gate.num_experts``).
+        experts: the routed experts, any kind of ``expert_kinds.EXPERT_KINDS``
+            (``experts.num_experts == gate.num_experts``).
         name: the name put in this layer's routing records.
         shared: shared experts every token passes through (``--moe-shared-experts``), or None
             (no module: the state dict and the output are the plain MoE layer's).
@@ -44,7 +45,7 @@ class MoELayer(nn.Module):
     def __init__(
         self,
         gate: TopKGate,
-        experts: StackedExperts,
+        experts: Experts,
         name: str = "moe",
         shared: SharedExperts | None = None,
         eom: float = 0.0,
@@ -111,19 +112,10 @@ class MoELayer(nn.Module):
             y = y_tokens
         record = MoERecord(
             layer=self.name,
-            k=gate_out.expert_index.shape[1],
-            logits=gate_out.logits,
-            probs=gate_out.probs,
-            expert_index=gate_out.expert_index.detach(),
-            expert_weight=gate_out.expert_weight.detach(),
-            keep=gate_out.keep,
+            routing=gate_out,
             expert_counts=plan.counts,
             token_index=token_index,
             input_shape=tuple(shape[:-1]),
-            balance_type=gate_out.balance_type,
-            dense=gate_out.dense,
-            fallback_tokens=gate_out.fallback_tokens,
-            expert_choice=gate_out.expert_choice,
         )
         return y.view(shape), record
 

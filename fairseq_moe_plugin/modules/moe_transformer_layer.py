@@ -29,103 +29,13 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
+from ..models.config_rules import check_layer_options
 from .checkpointing import checkpointed
-from .expert_parallel import expert_parallel_groups
-from .experts import StackedExperts
-from .gate import TopKGate
-from .lora_experts import LoRAExperts
+from .expert_kinds import placement
 from .moe_layer import MoELayer
+from .moe_layer_builder import build_moe_layer
 from .record import MoERecord
-from .shared_experts import CMR_CONFLICT, SHARED_CONFLICT, SharedExperts, cmr_gate_values
-
-
-def build_moe_layer(
-    moe_cfg,
-    d_model: int,
-    ffn_dim: int,
-    activation_fn: str,
-    activation_dropout: float,
-    name: str,
-    causal: bool = False,
-) -> MoELayer:
-    """An MoE layer from the model's MoE options (see ``MoEConfig``) and the layer's sizes.
-
-    ``causal``: the layer is in a decoder, where a position may not see later ones; it routes
-    by ``--moe-decoder-routing`` (default ``--moe-routing``), and expert-choice routing is
-    refused there (ValueError): an expert picks its top C tokens of the whole batch, so a
-    position's output would depend on the positions after it."""
-    routing = str(moe_cfg.moe_routing)
-    if causal and getattr(moe_cfg, "moe_decoder_routing", None) is not None:
-        routing = str(moe_cfg.moe_decoder_routing)
-    if causal and routing == "expert_choice":
-        raise ValueError(
-            f"{name}: expert-choice routing is not causal (each expert picks its top C tokens "
-            "among all the positions of the batch, so a decoder position's output would depend "
-            "on the positions after it, which step-by-step generation does not have); use it in "
-            "the encoder only: --moe-routing expert_choice --moe-decoder-routing topk"
-        )
-    gate = TopKGate(
-        d_model,
-        moe_cfg.moe_expert_count,
-        k=moe_cfg.moe_top_k,
-        normalize_top_k=moe_cfg.moe_normalize_top_k,
-        capacity_factor=moe_cfg.moe_capacity_factor,
-        eval_capacity_factor=moe_cfg.moe_eval_capacity_factor,
-        jitter_eps=moe_cfg.moe_jitter_eps,
-        routing=routing,
-        dense_until=moe_cfg.moe_dense_routing_until,
-        temperature=moe_cfg.moe_router_temperature,
-        router_bias=moe_cfg.moe_router_bias,
-        balance_loss=str(moe_cfg.moe_balance_loss),
-        usage_ema=moe_cfg.moe_usage_ema,
-        fallback_expert=moe_cfg.moe_fallback_expert,
-        expert_capacity_factor=moe_cfg.moe_expert_capacity_factor,
-        capacity_priority=str(moe_cfg.moe_capacity_priority),
-        # the bias balances top-k layers; an expert-choice encoder beside them has none
-        bias_balancing_rate=moe_cfg.moe_bias_balancing_rate if routing == "topk" else 0.0,
-    )
-    expert_activation = moe_cfg.moe_activation_fn or activation_fn
-    if str(moe_cfg.moe_expert_type) == "lora":
-        experts = LoRAExperts(
-            moe_cfg.moe_expert_count,
-            d_model,
-            ffn_dim,
-            rank=moe_cfg.moe_lora_rank,
-            alpha=moe_cfg.moe_lora_alpha,
-            lora_dropout=moe_cfg.moe_lora_dropout,
-            activation_fn=activation_fn,
-            activation_dropout=activation_dropout,
-        )
-    else:
-        experts = StackedExperts(
-            moe_cfg.moe_expert_count,
-            d_model,
-            moe_cfg.moe_expert_ffn_dim or ffn_dim,
-            activation_fn=expert_activation,
-            activation_dropout=activation_dropout,
-            reuse_grad_buffers=not moe_cfg.moe_no_grad_buffer_reuse,
-            expert_parallel=expert_parallel_groups(moe_cfg.moe_expert_parallel_size),
-            impl=moe_cfg.moe_expert_impl,
-            zero_output=str(moe_cfg.moe_expert_placement) == "parallel",  # adds nothing at first
-        )
-    shared = None
-    num_shared = int(getattr(moe_cfg, "moe_shared_experts", 0) or 0)
-    if num_shared > 0:
-        if (
-            str(moe_cfg.moe_expert_type) == "lora"
-            or str(moe_cfg.moe_expert_placement) == "parallel"
-        ):
-            raise ValueError(f"{name}: {SHARED_CONFLICT}")
-        shared = SharedExperts(
-            d_model,
-            moe_cfg.moe_expert_ffn_dim or ffn_dim,
-            num_shared,
-            activation_fn=expert_activation,
-            activation_dropout=activation_dropout,
-            gated=bool(getattr(moe_cfg, "moe_shared_expert_gate", False)),
-        )
-    eom = float(getattr(moe_cfg, "moe_eom", 0.0) or 0.0)
-    return MoELayer(gate, experts, name=name, shared=shared, eom=eom)
+from .shared_experts import cmr_gate_values
 
 
 def fsdp_wrap_like_fairseq(layer, cfg):
@@ -148,10 +58,9 @@ class _MoEFFNBlock:
         ``parallel`` the dense FFN stays (``fc1``, ``fc2``, fairseq's names) and the MoE output
         is added to its output; with ``--moe-cmr`` the dense FFN stays too, and the two are
         mixed per token by the CMR gate ``cmr_gate`` (``shared_experts.cmr_gate_values``)."""
-        self.parallel_ffn = str(moe_cfg.moe_expert_placement) == "parallel"
+        check_layer_options(moe_cfg, name, causal)
+        self.parallel_ffn = placement(moe_cfg).keeps_dense_ffn
         self.cmr = bool(getattr(moe_cfg, "moe_cmr", False))
-        if self.cmr and (self.parallel_ffn or str(moe_cfg.moe_expert_type) == "lora"):
-            raise ValueError(f"{name}: {CMR_CONFLICT}")
         if not (self.parallel_ffn or self.cmr):
             del self.fc1, self.fc2, self.activation_dropout_module, self.activation_fn
         if self.cmr:  # NLLB's CMR gate: d_model -> 1, sigmoid in fp32

@@ -3,15 +3,15 @@
 The record leaves the layer as part of what its ``forward`` returns, never as an attribute set
 on a module, so that anything that re-runs or wraps a forward (activation checkpointing, FSDP,
 hooks) hands the criterion the record of the forward whose graph the loss goes through. It is
-registered as a pytree node, so that ``modules/checkpointing.py`` can pass its tensors through
-fairseq's checkpoint function one by one.
+registered as a pytree node (as is the ``GateOutput`` it holds), so that
+``modules/checkpointing.py`` can pass its tensors through fairseq's checkpoint function one by
+one.
 
-It holds what the routing produced anyway (the fields) and derives everything else (the two
-losses, counts, entropy) on first access. A decoding step reads nothing from it and so pays for
-none of that; the criterion reads what it logs; the analysis tools read the per-token fields.
-The losses are computed from ``logits`` and ``probs``, which carry the router's gradient (under
-activation checkpointing they are outputs of the checkpointed function, so the gradient flows
-through its recompute).
+It holds the routing decision as the gate returned it (``routing``, a ``GateOutput``: the
+losses, counts and entropy are derived there, on first access) and adds what only the layer
+knows: its name, the computed counts and where the routed tokens sit in the input. A decoding
+step reads nothing from it and so pays for none of the derived statistics. The losses are
+computed from ``routing.logits`` and ``routing.probs``, which carry the router's gradient.
 
 Tokens: ``N`` non-padding tokens routed, ``k`` experts per token, ``E`` experts.
 """
@@ -24,96 +24,70 @@ from functools import cached_property
 import torch
 from torch.utils import _pytree as pytree
 
-from .gate import RouterLosses, expert_counts, routing_entropy
+from .routing import GateOutput, RoutingMode
+
+
+def _routing_field(name: str, detach: bool = False, derived: bool = False):
+    """A read-only view of ``routing.<name>`` (detached when the record should not carry the
+    gradient, as for the combine weights). A ``derived`` statistic is cached on the record too
+    once read, so that ``vars(record)`` shows what a step has computed."""
+
+    def get(self):
+        value = getattr(self.routing, name)
+        return value.detach() if detach else value
+
+    get.__doc__ = f"``routing.{name}``" + (" (detached)" if detach else "")
+    if derived:
+        return cached_property(get)
+    return property(get)
 
 
 @dataclass
-class MoERecord(RouterLosses):
-    """One MoE layer's routing in one forward. Only the two losses carry gradients (they, and
-    ``logits_finite``, come from ``RouterLosses``)."""
+class MoERecord:
+    """One MoE layer's routing in one forward. Only the two losses carry gradients."""
 
     layer: str  # the layer's module name, e.g. ``encoder.layers.1`` (see ``naming.py``)
-    k: int  # experts per token
-    logits: torch.Tensor  # N x E float32 router logits (differentiable)
-    probs: torch.Tensor  # N x E float32 softmax over all experts (differentiable)
-    expert_index: torch.Tensor  # N x k long: each token's experts, best first
-    expert_weight: torch.Tensor  # N x k float: their combine weights, 0 where dropped (detached)
-    keep: torch.Tensor  # N x k bool: False where capacity dropped the assignment
+    routing: GateOutput  # the gate's decision for the N routed tokens
     expert_counts: torch.Tensor  # E long: assignments each expert computed (after capacity)
     # N long: where the routed tokens are in the layer input flattened over its leading dims
     # (``t * B + b`` for a T x B x C input); None when no padding mask was given (token i is
     # flat position i).
     token_index: torch.Tensor | None
     input_shape: tuple[int, ...]  # the layer input's leading shape, e.g. (T, B)
-    balance_type: str = "switch"  # which balance loss ``balance_loss`` is (gate.BALANCE_LOSSES)
-    dense: bool = False  # dense routing: k = E, every expert weighted by its probability
-    # expert choice (Zhou et al. 2022): expert_index is N x E (every expert, so k = E) and keep
-    # marks the tokens each expert took; nothing is dropped, a token may be taken by none
-    expert_choice: bool = False
-    # 0-dim long: tokens that went to the fallback expert because their router logits were not
-    # finite (``TopKGate``'s ``fallback_expert``, eval only); None when no fallback was applied.
-    fallback_tokens: torch.Tensor | None = None
 
-    @cached_property
-    def expert_load(self) -> torch.Tensor:
-        """E float: each expert's load in this forward, summable over batches: the router's
-        assignments (``expert_counts_routed``) under top-k routing; under dense routing, where
-        every expert gets every token, the probability mass it received (``probs`` summed over
-        tokens)."""
-        if self.dense:
-            return self.probs.detach().sum(dim=0)
-        return self.expert_counts_routed.float()
-
-    @cached_property
-    def expert_counts_routed(self) -> torch.Tensor:
-        """E long: assignments the router chose (before capacity); under expert choice, the
-        tokens each expert took (C each)."""
-        if self.expert_choice:
-            return self.keep.sum(dim=0)
-        return expert_counts(self.expert_index.detach(), self.probs.shape[1])
-
-    @cached_property
-    def dropped(self) -> torch.Tensor:
-        """Scalar long: assignments dropped by capacity (none under expert choice: experts
-        choose, see ``unchosen_tokens``)."""
-        if self.expert_choice:
-            return self.keep.new_zeros((), dtype=torch.long)
-        return (~self.keep).sum()
-
-    @cached_property
-    def dropped_tokens(self) -> torch.Tensor:
-        """Scalar long: tokens all of whose k assignments were dropped; under expert choice, the
-        tokens no expert took (``unchosen_tokens``). Their MoE output is zero."""
-        return (~self.keep.any(dim=-1)).sum()
+    # The routing decision, read through (see ``GateOutput`` for shapes and meaning).
+    logits = _routing_field("logits")  # N x E float32 (differentiable)
+    probs = _routing_field("probs")  # N x E float32 (differentiable)
+    expert_index = _routing_field("expert_index", detach=True)  # N x k long
+    expert_weight = _routing_field("expert_weight", detach=True)  # N x k float, 0 where dropped
+    keep = _routing_field("keep")  # N x k bool
+    balance_type = _routing_field("balance_type")
+    fallback_tokens = _routing_field("fallback_tokens")  # 0-dim long, or None
+    mode = _routing_field("mode")  # RoutingMode
+    k = _routing_field("k")
+    # Derived on first access (cached on the routing output).
+    logits_finite = _routing_field("logits_finite", derived=True)
+    balance_loss = _routing_field("balance_loss", derived=True)  # differentiable
+    z_loss = _routing_field("z_loss", derived=True)  # differentiable
+    expert_load = _routing_field("expert_load", derived=True)
+    expert_counts_routed = _routing_field("expert_counts_routed", derived=True)
+    dropped = _routing_field("dropped", derived=True)
+    dropped_tokens = _routing_field("dropped_tokens", derived=True)
+    unchosen_tokens = _routing_field("unchosen_tokens")
+    computed_assignments = _routing_field("computed_assignments", derived=True)
+    routed_tokens = _routing_field("routed_tokens", derived=True)
+    token_entropy = _routing_field("token_entropy", derived=True)
+    entropy = _routing_field("entropy", derived=True)
 
     @property
-    def unchosen_tokens(self) -> torch.Tensor:
-        """Scalar long: tokens no expert took (expert choice; they pass through the residual)."""
-        return self.dropped_tokens
+    def dense(self) -> bool:
+        """Dense routing: every expert weighted by its probability (k = E)."""
+        return self.routing.mode is RoutingMode.DENSE
 
-    @cached_property
-    def computed_assignments(self) -> torch.Tensor:
-        """Scalar long: (token, expert) pairs computed, after capacity; divided by
-        ``routed_tokens`` it is the mean number of experts per token."""
-        return self.keep.sum()
-
-    @cached_property
-    def routed_tokens(self) -> torch.Tensor:
-        """Scalar long: N."""
-        return torch.tensor(self.expert_index.shape[0], device=self.expert_index.device)
-
-    @cached_property
-    def token_entropy(self) -> torch.Tensor:
-        """N float: each token's routing entropy (nats)."""
-        with torch.no_grad():
-            return routing_entropy(self.probs.detach())
-
-    @cached_property
-    def entropy(self) -> torch.Tensor:
-        """Scalar float: mean routing entropy over the N tokens (nats), 0 without tokens."""
-        if self.expert_index.shape[0] == 0:
-            return self.probs.new_zeros((), dtype=torch.float32)
-        return self.token_entropy.mean().float()
+    @property
+    def expert_choice(self) -> bool:
+        """Expert choice: ``keep`` marks the tokens each expert took (k = E)."""
+        return self.routing.mode is RoutingMode.EXPERT_CHOICE
 
     def aux_loss(self, balance_weight: float, z_weight: float) -> torch.Tensor:
         """``balance_weight * balance_loss + z_weight * z_loss`` (a scalar)."""

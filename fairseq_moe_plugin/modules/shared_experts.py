@@ -34,17 +34,6 @@ import torch.nn.functional as F
 
 from .experts import get_activation_fn
 
-SHARED_CONFLICT = (
-    "--moe-shared-experts needs --moe-expert-type ffn and --moe-expert-placement replace: LoRA "
-    "experts and the parallel placement already run the layer's dense FFN for every token (a "
-    "shared expert)"
-)
-CMR_CONFLICT = (
-    "--moe-cmr mixes the layer's own dense FFN with the MoE output; it does not combine with "
-    "--moe-expert-placement parallel (which adds the two) nor with --moe-expert-type lora "
-    "(whose experts already hold the dense FFN)"
-)
-
 
 class SharedExperts(nn.Module):
     """``num_shared`` always-on FFN experts of width ``ffn_dim`` as one FFN of width

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from fairseq.data import data_utils
 
-from .engine import Engine, EngineOptions
+from .engine_base import Engine, EngineOptions
 from .errors import invalid
 
 

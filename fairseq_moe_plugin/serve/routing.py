@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fairseq_moe_plugin.modules.gate import routing_entropy
 from fairseq_moe_plugin.modules.moe_layer import MoELayer
+from fairseq_moe_plugin.modules.routing.losses import routing_entropy
 
 
 @dataclass

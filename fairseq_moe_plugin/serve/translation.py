@@ -19,7 +19,7 @@ import torch
 from fairseq import utils
 from fairseq.data import data_utils
 
-from .engine import Engine, EngineOptions
+from .engine_base import Engine, EngineOptions
 from .errors import invalid
 
 
