@@ -30,7 +30,7 @@ setup(
         "dev": ["pytest>=7", "ruff", "mkdocs==1.6.1"],  # mkdocs: make docs, tests/test_docs.py
         # examples/translation: build_gettext_corpus.py reads gettext catalogues with polib.
         "examples": ["polib"],
-        # Deployment (README, "Deploying a model"): ONNX export and its runtime, the inference
+        # Deployment (docs/deploy.md): ONNX export and its runtime, the inference
         # server and its metrics, and encrypted checkpoints. None of them pulls torch.
         "serve": [
             "onnx",

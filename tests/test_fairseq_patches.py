@@ -83,3 +83,13 @@ def test_the_docs_page_lists_every_patch():
         repo = repo.parent
     page = (repo / "docs" / "reference" / "fairseq-patches.md").read_text(encoding="utf-8")
     assert fairseq_patches.markdown_table() in page, "regenerate the table (markdown_table())"
+
+
+def test_the_readme_lists_every_patch_that_changes_dense_runs():
+    """The README names each deliberate fix that a dense run sees, and the patch count."""
+    readme = (TESTS.parent / "README.md").read_text()
+    rows = fairseq_patches.list_patches()
+    dense = [row["name"] for row in rows if row["changes_dense_runs"]]
+    missing = [name for name in dense if f"`{name}`" not in readme]
+    assert not missing, f"README.md does not list {missing}"
+    assert f"patches fairseq in {len(rows)} places" in readme

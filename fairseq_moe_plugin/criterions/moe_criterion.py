@@ -60,7 +60,7 @@ class MoELossConfig(FairseqDataclass):
             "with the micro-batch's mean probabilities P_i (Qiu et al. 2025, global-batch LBL; "
             "W workers then equal one process with --update-freq W). With --update-freq > 1 the "
             "counts come from one more forward of each micro-batch first, not back-propagated "
-            "(the README's figure of its cost); with --update-freq 1, from one all-reduce. Top-k "
+            "(docs/distributed.md gives its measured cost); with --update-freq 1, from one all-reduce. Top-k "
             "layers with the switch loss only; validation uses micro_batch"
         },
     )

@@ -32,7 +32,7 @@ from ..modules.gate import (
     check_router_options,
     check_routing_options,
 )
-from ..modules.routing import RoutingMethod, RoutingMode, routing_method
+from ..modules.routing import ROUTING_METHODS, RoutingMethod, RoutingMode, routing_method
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,23 @@ def _method_options(o: Options) -> None:
         )
 
 
+def _unread_method_flags(o: Options) -> list[str]:
+    """The options that only some routing methods read (their ``flags``), set away from their
+    default while no method in use reads them."""
+    unread = []
+    for method in ROUTING_METHODS.values():
+        for name, default in method.flags.items():
+            readers = [m for m in ROUTING_METHODS.values() if name in m.flags]
+            if method is readers[0] and o.flag(name) not in (None, default):
+                if not any(m in o.methods for m in readers):
+                    unread.append(
+                        f"{_flag(name)} has no effect: only "
+                        f"{' and '.join(m.title for m in readers)} reads it, and the model routes "
+                        f"by {' and '.join(m.name for m in o.methods)}"
+                    )
+    return unread
+
+
 _SHARDED_REFUSES = {
     "moe_save_trainable_only": "adapter-only checkpoints already leave the frozen base out",
     "store_ema": "the EMA model's copy of the experts would be gathered on one process",
@@ -247,6 +264,8 @@ RULES: list[Rule] = [
          "--moe-decoder-routing has no effect: the model has no decoder MoE layer", warn=True),
     Rule(("moe_expert_capacity_factor", "moe_capacity_priority", "moe_bias_balancing_rate"),
          check=_method_options),
+    Rule(("moe_routing", "moe_decoder_routing"), lambda o: bool(_unread_method_flags(o)),
+         lambda o: "; ".join(_unread_method_flags(o)), warn=True),
     Rule(("moe_capacity_priority", "moe_routing"),
          lambda o: str(o.moe_capacity_priority) == "random"
          and not any(m.has_capacity for m in o.methods),

@@ -1,5 +1,5 @@
 """The MoE options of ``moe_transformer`` and ``moe_roberta``: one dataclass, with help text,
-from which the command-line flags and the README's flags table are generated, and their
+from which the command-line flags and the flags table (docs/reference/flags.md) are generated, and their
 validation."""
 
 import logging
@@ -89,7 +89,7 @@ class MoEConfig(FairseqDataclass):
             "help": "CPU training: allocate the experts' stacked weight gradients afresh every "
             "update instead of reusing the previous update's buffers when nothing holds them. "
             "Reuse saves page-faulting E x d_ff x d_model of new memory per MoE layer and update "
-            "(the README's performance section measures it) but keeps those buffers allocated "
+            "(docs/performance.md measures it) but keeps those buffers allocated "
             "between updates; no effect on GPU"
         },
     )

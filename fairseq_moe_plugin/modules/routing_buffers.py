@@ -1,8 +1,8 @@
 """The one place where a training batch's routing records move the routers' buffers.
 
 Two gate options keep state that training batches update: the usage EMA (``--moe-usage-ema``,
-buffer ``usage_ema``, ``Gate.update_usage_ema``) and aux-loss-free bias balancing
-(``--moe-bias-balancing-rate``, buffer ``balance_load``, ``Gate.accumulate_balance_load``, turned
+buffer ``usage_ema``, ``TopKGate.update_usage_ema``) and aux-loss-free bias balancing
+(``--moe-bias-balancing-rate``, buffer ``balance_load``, ``TopKGate.accumulate_balance_load``, turned
 into a bias step when the next update starts). The MoE criteria call ``update_routing_buffers``
 once per training batch, after the forward, with the records that forward returned: a forward
 that runs twice (activation checkpointing's recompute) must not count a batch twice, so the gate

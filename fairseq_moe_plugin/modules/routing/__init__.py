@@ -6,7 +6,7 @@ The registry below maps every ``--moe-routing`` value to its method object. Addi
 method is one new file with a ``RoutingMethod`` subclass (``base.py`` says what it declares) and
 one line here; the flag's choices, the validation table (``models/config_rules.py``), FLOPs,
 ONNX export, growth and the routing analysis read the method's capabilities, never its name.
-See ``docs/extending.md`` for a worked example.
+See ``docs/contributing/extending.md`` for a worked example.
 """
 
 from __future__ import annotations

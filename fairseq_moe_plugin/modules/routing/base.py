@@ -14,8 +14,9 @@ what the tools need to know about it as capabilities, so that no tool compares m
   (``models/grow.py``).
 
 Where a capability is False the method says why (``reasons``), and the tools that refuse it
-quote that reason. ``flags`` names the options only this method reads, so that the validation
-table (``models/config_rules.py``) can warn when they are set for another method.
+quote that reason. ``flags`` names the options only this method reads, with their defaults, so
+that the validation table (``models/config_rules.py``) warns when one is set while no method in
+use reads it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class RoutingMethod:
     onnx_static: ClassVar[bool] = True
     bias_balancing: ClassVar[bool] = False
     growable: ClassVar[bool] = True
-    flags: ClassVar[tuple[str, ...]] = ()  # options only this method reads (MoEConfig names)
+    # options only this method reads (MoEConfig names) -> their MoEConfig defaults
+    flags: ClassVar[dict[str, object]] = {}
     # capability -> why the method lacks it (every False capability above has one)
     reasons: ClassVar[dict[str, str]] = {}
 

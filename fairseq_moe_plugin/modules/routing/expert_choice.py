@@ -57,7 +57,7 @@ class ExpertChoice(RoutingMethod):
     batch_independent = False
     onnx_static = False
     growable = False
-    flags = ("moe_expert_capacity_factor",)
+    flags = {"moe_expert_capacity_factor": 2.0}
     reasons = {
         "causal": _NOT_CAUSAL,
         "batch_independent": "each expert takes its top C tokens of the whole batch",
