@@ -141,6 +141,7 @@ def _worker(rank, world, port, args, root, fmt, out):
               "seconds": seconds, "expert_mib": sizes["expert"] / 2**20,
               "dense_mib": sizes["dense"] / 2**20}  # fmt: skip
     torch.save(result, Path(out) / f"{fmt}-{rank}.pt")
+    dist.barrier()  # no process tears gloo down while a peer still uses it
     dist.destroy_process_group()
 
 

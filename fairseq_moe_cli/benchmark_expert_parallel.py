@@ -140,6 +140,7 @@ def _measure_worker(rank: int, world: int, port: int, a: dict, out_dir: str) -> 
         exchanges.append(seconds[0])
     result = {"step_s": statistics.median(steps), "exchange_s": statistics.median(exchanges)}
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no process tears gloo down while a peer still uses it
     dist.destroy_process_group()
 
 

@@ -29,6 +29,7 @@ def main(checkpoint: str, data: str, out: str) -> None:
         logits, _ = model(**sample["net_input"])  # B x T x V
     if dist.get_rank() == 0:
         torch.save({"logits": logits, "local_experts": shard.num_local_experts}, out)
+    dist.barrier()  # no process tears gloo down while a peer still uses it
     dist.destroy_process_group()
 
 
