@@ -60,10 +60,6 @@ class Patch:
         return self.dense_runs.startswith("yes")
 
 
-def _p(*args, **kwargs) -> Patch:
-    return Patch(*args, **kwargs)
-
-
 _CPU = train_with_several_processes_on_cpu
 _EP = train_sharded_experts_with_fairseq
 _SHARDED = save_and_load_sharded_checkpoints_with_fairseq
@@ -72,7 +68,7 @@ _GEN = generate_with_sharded_experts
 _ALWAYS = "fairseq.trainer:Trainer.always_call_state_dict_during_save_checkpoint"
 
 PATCHES: tuple[Patch, ...] = (
-    _p(
+    Patch(
         "keep_last_partial_batch",
         "fairseq.data.data_utils:batch_by_size",
         "the sentences fairseq left out of the last batch (not a multiple of "
@@ -84,7 +80,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_fairseq_fixes.py::test_every_sentence_is_batched_exactly_once",
         keep_last_partial_batch,
     ),
-    _p(
+    Patch(
         "torchrun_launch",
         "fairseq.distributed.utils:infer_init_method",
         "under torchrun, WORLD_SIZE/RANK/LOCAL_RANK are taken as the launcher set them (CPU "
@@ -97,7 +93,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_two_processes_equal_one_process",
         _CPU,
     ),
-    _p(
+    Patch(
         "ddp_on_cpu",
         "fairseq.models:DistributedFairseqModel",
         "with --ddp-backend c10d/pytorch_ddp on CPU, torch's DDP is built without device_ids",
@@ -106,7 +102,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_two_processes_equal_one_process",
         _CPU,
     ),
-    _p(
+    Patch(
         "grad_norm_check_on_cpu",
         "fairseq.trainer:Trainer.__init__",
         "the cross-worker check that every worker computed the same gradient norm runs on CPU "
@@ -116,7 +112,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_two_processes_equal_one_process",
         _CPU,
     ),
-    _p(
+    Patch(
         "broadcast_checkpoint_globals",
         "fairseq.distributed.utils:_broadcast_object_slow",
         "while a process unpickles rank 0's broadcast checkpoint, the omegaconf and placeholder "
@@ -126,7 +122,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_resume_on_fewer_processes_continues_exactly",
         _CPU,
     ),
-    _p(
+    Patch(
         "expert_grads_all_reduce",
         "fairseq.optim.fairseq_optimizer:FairseqOptimizer.all_reduce_grads",
         "after fairseq's all-reduce, expert shards' gradients are summed over their replica group "
@@ -136,7 +132,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_two_processes_equal_one_process",
         _EP,
     ),
-    _p(
+    Patch(
         "expert_grad_norm",
         "fairseq.optim.fairseq_optimizer:FairseqOptimizer.clip_grad_norm",
         "with sharded experts the norm counts every expert once over the expert-parallel group",
@@ -145,7 +141,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_four_processes_equal_one_process",
         _EP,
     ),
-    _p(
+    Patch(
         "expert_optimizer_state_dict",
         "fairseq.optim.fairseq_optimizer:FairseqOptimizer.state_dict",
         "with sharded experts the optimizer state of expert entries is gathered into full stacks",
@@ -154,7 +150,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_checkpoint_of_four_processes_loads_on_one_with_no_tool",
         _EP,
     ),
-    _p(
+    Patch(
         "expert_optimizer_load_state_dict",
         "fairseq.optim.fairseq_optimizer:FairseqOptimizer.load_state_dict",
         "with sharded experts a full stack of optimizer state is cut to this rank's rows",
@@ -163,7 +159,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel.py::test_resume_on_fewer_processes_continues_exactly",
         _EP,
     ),
-    _p(
+    Patch(
         "state_dict_on_every_rank",
         _ALWAYS,
         "every rank calls Trainer.state_dict when experts are sharded or checkpoints are sharded",
@@ -172,7 +168,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_sharded_checkpoints.py::test_resume_at_another_layout_gives_the_same_next_updates",
         _EP,
     ),
-    _p(
+    Patch(
         "sharded_trainer_state_dict",
         "fairseq.trainer:Trainer.state_dict",
         "with --moe-checkpoint-format sharded the model's tensors go to a shard folder and the "
@@ -182,7 +178,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_sharded_checkpoints.py::test_resume_at_another_layout_gives_the_same_next_updates",
         _SHARDED,
     ),
-    _p(
+    Patch(
         "sharded_trainer_load_checkpoint",
         "fairseq.trainer:Trainer.load_checkpoint",
         "a sharded checkpoint is checked against the model and read by every process",
@@ -192,7 +188,7 @@ PATCHES: tuple[Patch, ...] = (
         "file_and_the_tensor",
         _SHARDED,
     ),
-    _p(
+    Patch(
         "sharded_load_checkpoint_to_cpu",
         "fairseq.checkpoint_utils:load_checkpoint_to_cpu",
         "a sharded checkpoint's markers are replaced by the tensors of its shard folder, and the "
@@ -202,7 +198,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_sharded_checkpoints.py::test_consolidate_round_trip_equals_a_consolidated_save",
         _SHARDED,
     ),
-    _p(
+    Patch(
         "sharded_save_checkpoint",
         "fairseq.checkpoint_utils:save_checkpoint",
         "after fairseq's save and rotation, shard folders no checkpoint names are removed",
@@ -212,7 +208,7 @@ PATCHES: tuple[Patch, ...] = (
         "checkpoints_name",
         _SHARDED,
     ),
-    _p(
+    Patch(
         "iterator_state_dict",
         "fairseq.data.iterators:EpochBatchIterator.state_dict",
         "the iterator's state also records its global position and the world size",
@@ -222,7 +218,7 @@ PATCHES: tuple[Patch, ...] = (
         "size",
         _ITER,
     ),
-    _p(
+    Patch(
         "iterator_load_state_dict",
         "fairseq.data.iterators:EpochBatchIterator.load_state_dict",
         "a mid-epoch state saved at another world size resumes at its global position, or is "
@@ -233,7 +229,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_iterator_position.py::test_resumes_that_would_skip_or_repeat_data_are_refused",
         _ITER,
     ),
-    _p(
+    Patch(
         "iterator_ordered_batches",
         "fairseq.data.iterators:EpochBatchIterator.ordered_batches",
         "after such a resume, each worker takes its round-robin share of the batches after the "
@@ -244,7 +240,7 @@ PATCHES: tuple[Patch, ...] = (
         "from_where_it_resumed",
         _ITER,
     ),
-    _p(
+    Patch(
         "global_balance_train_step",
         "fairseq.trainer:Trainer.train_step",
         "with --moe-balance-scope global the update's expert counts are computed first and "
@@ -254,7 +250,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_global_balance.py::test_two_processes_equal_one_process_with_update_freq",
         count_balance_over_the_update,
     ),
-    _p(
+    Patch(
         "generate_under_torchrun",
         "fairseq_cli.generate:main",
         "under torchrun with several processes, each process generates its share of the test set "
@@ -266,7 +262,7 @@ PATCHES: tuple[Patch, ...] = (
         "consolidated_checkpoint",
         _GEN,
     ),
-    _p(
+    Patch(
         "validation_finishes_rounds",
         "fairseq.trainer:Trainer._aggregate_logging_outputs",
         "a validation step first joins the other processes' expert exchanges until all finish",
@@ -275,7 +271,7 @@ PATCHES: tuple[Patch, ...] = (
         "test_expert_parallel_inference.py::test_eval_bleu_validates_with_sharded_experts",
         _GEN,
     ),
-    _p(
+    Patch(
         "criterion_state_in_checkpoints",
         "fairseq.trainer:Trainer.state_dict",
         "the MoE criterion's state (the balance boost) is saved in extra_state and restored by "

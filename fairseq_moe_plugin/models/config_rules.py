@@ -196,6 +196,12 @@ _SHARDED_REFUSES = {
 
 
 RULES: list[Rule] = [
+    # --- the registered names (every later row reads the objects they name) --------------
+    Rule(("moe_routing", "moe_decoder_routing"),
+         check=lambda o: (routing_method(o.moe_routing),
+                          routing_method(decoder_routing(o.args), "--moe-decoder-routing"))),
+    Rule(("moe_expert_type",), check=lambda o: expert_kind(o.args)),
+    Rule(("moe_expert_placement",), check=lambda o: placement(o.args)),
     # --- sizes and the router's own arguments (the modules' checks, one wording) ------------
     Rule(("moe_expert_count", "moe_top_k", "moe_jitter_eps", "moe_expert_parallel_size"),
          check=lambda o: check_routing_options(o.moe_expert_count, o.moe_top_k,
@@ -362,34 +368,27 @@ RULES: list[Rule] = [
 ]  # fmt: skip
 
 
-def violations(o: Options, rules: list[Rule]) -> tuple[list[str], list[str]]:
-    """The (errors, warnings) the options raise against ``rules``, in table order."""
-    errors, warnings = [], []
+def apply_rules(o: Options, rules: list[Rule], prefix: str) -> None:
+    """Check ``rules`` in table order: the first broken one raises ValueError(``prefix: why``)
+    (later rows may read what an earlier row checks), each broken warning row is logged."""
     for rule in rules:
         message = rule.violation(o)
-        if message is not None:
-            (warnings if rule.warn else errors).append(message)
-    return errors, warnings
+        if message is None:
+            continue
+        if not rule.warn:
+            raise ValueError(f"{prefix}: {message}")
+        logger.warning(message)
 
 
 def validate_moe_args(args, has_decoder: bool = True) -> None:
     """Refuse impossible MoE settings with a message that names the arch in use and the flag,
     and warn about settings that do nothing (``has_decoder``: False for encoder-only models,
-    moe_roberta). The first broken rule raises; every warning is logged."""
-    arch = getattr(args, "arch", None) or "moe"
-    o = Options(args, has_decoder)
-    for rule in RULES:
-        message = rule.violation(o)
-        if message is None:
-            continue
-        if not rule.warn:
-            raise ValueError(f"{arch}: {message}")
-        logger.warning(message)
+    moe_roberta)."""
+    apply_rules(Options(args, has_decoder), RULES, getattr(args, "arch", None) or "moe")
 
 
 def check_layer_options(moe_cfg, name: str, causal: bool) -> None:
     """The ``layer=True`` rows for one layer built from ``moe_cfg`` (``name`` prefixes the
     message; ``causal``: the layer is in a decoder)."""
-    errors, _ = violations(Options(moe_cfg, layer_causal=causal), [r for r in RULES if r.layer])
-    if errors:
-        raise ValueError(f"{name}: {errors[0]}")
+    layer_rows = [r for r in RULES if r.layer]
+    apply_rules(Options(moe_cfg, layer_causal=causal), layer_rows, name)

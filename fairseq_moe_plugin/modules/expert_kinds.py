@@ -56,11 +56,13 @@ INT8_KINDS: dict[str, type[Experts]] = dict.fromkeys(INT8_COMPUTE, Int8StackedEx
 
 
 def expert_kind(cfg) -> type[Experts]:
-    """The expert kind of a model config (``cfg.moe_expert_type``); KeyError naming the known
+    """The expert kind of a model config (``cfg.moe_expert_type``); ValueError naming the known
     ones for anything else."""
     name = str(cfg.moe_expert_type)
     if name not in EXPERT_KINDS:
-        raise KeyError(f"unknown --moe-expert-type {name!r}; expected one of {list(EXPERT_KINDS)}")
+        raise ValueError(
+            f"unknown --moe-expert-type {name!r}; expected one of {list(EXPERT_KINDS)}"
+        )
     return EXPERT_KINDS[name]
 
 

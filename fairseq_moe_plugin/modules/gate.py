@@ -227,10 +227,6 @@ class TopKGate(nn.Module):
         to ``balance_load`` (``BiasBalancing.accumulate``)."""
         self.balancing.accumulate(load)
 
-    def apply_balance_update(self) -> None:
-        """One bias step from the loads accumulated since the last one (``BiasBalancing.step``)."""
-        self.balancing.step()
-
     def update_usage_ema(self, load: torch.Tensor) -> None:
         """Fold one batch's E expert loads into ``usage_ema`` (``UsageEMA.update``)."""
         if self.usage is None:

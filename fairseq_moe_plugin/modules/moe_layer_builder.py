@@ -25,7 +25,10 @@ def build_gate(moe_cfg, d_model: int, routing: str) -> TopKGate:
     """The router of one layer routing by ``routing``. The bias of aux-loss-free balancing
     applies to methods that take it: an expert-choice encoder beside top-k decoder layers has
     none."""
-    gate_kwargs = dict(
+    rate = moe_cfg.moe_bias_balancing_rate if routing_method(routing).bias_balancing else 0.0
+    return TopKGate(
+        d_model,
+        moe_cfg.moe_expert_count,
         k=moe_cfg.moe_top_k,
         normalize_top_k=moe_cfg.moe_normalize_top_k,
         capacity_factor=moe_cfg.moe_capacity_factor,
@@ -40,9 +43,8 @@ def build_gate(moe_cfg, d_model: int, routing: str) -> TopKGate:
         fallback_expert=moe_cfg.moe_fallback_expert,
         expert_capacity_factor=moe_cfg.moe_expert_capacity_factor,
         capacity_priority=str(moe_cfg.moe_capacity_priority),
+        bias_balancing_rate=rate,
     )
-    rate = moe_cfg.moe_bias_balancing_rate if routing_method(routing).bias_balancing else 0.0
-    return TopKGate(d_model, moe_cfg.moe_expert_count, bias_balancing_rate=rate, **gate_kwargs)
 
 
 def build_moe_layer(

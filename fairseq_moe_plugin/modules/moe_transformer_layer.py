@@ -29,7 +29,6 @@ from fairseq.modules.transformer_layer import (
 )
 from torch import Tensor
 
-from ..models.config_rules import check_layer_options
 from .checkpointing import checkpointed
 from .expert_kinds import placement
 from .moe_layer import MoELayer
@@ -58,7 +57,6 @@ class _MoEFFNBlock:
         ``parallel`` the dense FFN stays (``fc1``, ``fc2``, fairseq's names) and the MoE output
         is added to its output; with ``--moe-cmr`` the dense FFN stays too, and the two are
         mixed per token by the CMR gate ``cmr_gate`` (``shared_experts.cmr_gate_values``)."""
-        check_layer_options(moe_cfg, name, causal)
         self.parallel_ffn = placement(moe_cfg).keeps_dense_ffn
         self.cmr = bool(getattr(moe_cfg, "moe_cmr", False))
         if not (self.parallel_ffn or self.cmr):

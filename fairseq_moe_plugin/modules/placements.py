@@ -33,11 +33,11 @@ PLACEMENTS: dict[str, Placement] = {
 
 
 def placement(cfg) -> Placement:
-    """The placement of a model config (``cfg.moe_expert_placement``); KeyError naming the
+    """The placement of a model config (``cfg.moe_expert_placement``); ValueError naming the
     known ones for anything else."""
     name = str(cfg.moe_expert_placement)
     if name not in PLACEMENTS:
-        raise KeyError(
+        raise ValueError(
             f"unknown --moe-expert-placement {name!r}; expected one of {list(PLACEMENTS)}"
         )
     return PLACEMENTS[name]

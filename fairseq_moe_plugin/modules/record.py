@@ -30,7 +30,8 @@ from .routing import GateOutput, RoutingMode
 def _routing_field(name: str, detach: bool = False, derived: bool = False):
     """A read-only view of ``routing.<name>`` (detached when the record should not carry the
     gradient, as for the combine weights). A ``derived`` statistic is cached on the record too
-    once read, so that ``vars(record)`` shows what a step has computed."""
+    once read, so that ``vars(record)`` shows what a step has computed (and the detached views
+    are made once)."""
 
     def get(self):
         value = getattr(self.routing, name)
@@ -58,8 +59,8 @@ class MoERecord:
     # The routing decision, read through (see ``GateOutput`` for shapes and meaning).
     logits = _routing_field("logits")  # N x E float32 (differentiable)
     probs = _routing_field("probs")  # N x E float32 (differentiable)
-    expert_index = _routing_field("expert_index", detach=True)  # N x k long
-    expert_weight = _routing_field("expert_weight", detach=True)  # N x k float, 0 where dropped
+    expert_index = _routing_field("expert_index", detach=True, derived=True)  # N x k long
+    expert_weight = _routing_field("expert_weight", detach=True, derived=True)  # N x k float
     keep = _routing_field("keep")  # N x k bool
     balance_type = _routing_field("balance_type")
     fallback_tokens = _routing_field("fallback_tokens")  # 0-dim long, or None

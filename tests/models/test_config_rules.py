@@ -6,6 +6,8 @@ import logging
 from argparse import Namespace
 from dataclasses import fields
 
+import pytest
+
 from fairseq_moe_plugin.models.config_rules import RULES, validate_moe_args
 from fairseq_moe_plugin.models.moe_config import MoEConfig
 from fairseq_moe_plugin.modules.routing import ROUTING_METHODS
@@ -47,3 +49,20 @@ def test_a_method_flag_set_without_its_method_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING):
         validate_moe_args(args)
     assert "--moe-expert-capacity-factor has no effect" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("moe_routing", "hash", r"^toy: routing \(--moe-routing\) must be one of .*got 'hash'"),
+        ("moe_decoder_routing", "hash", r"^toy: routing \(--moe-decoder-routing\) must be one"),
+        ("moe_expert_type", "conv", r"^toy: unknown --moe-expert-type 'conv'; expected one of"),
+        ("moe_expert_placement", "side", r"^toy: unknown --moe-expert-placement 'side'"),
+    ],
+)
+def test_an_unknown_registered_name_is_refused_naming_the_flag(field, value, message):
+    args = Namespace(**vars(MoEConfig(moe_expert_count=4)), arch="toy", encoder_layers=2,
+                     decoder_layers=2)  # fmt: skip
+    setattr(args, field, value)
+    with pytest.raises(ValueError, match=message):
+        validate_moe_args(args)

@@ -27,14 +27,14 @@ ROUTING_METHODS: dict[str, RoutingMethod] = {
 }
 
 
-def routing_method(name) -> RoutingMethod:
-    """The method registered as ``name`` (a ``--moe-routing`` value); ValueError naming the
-    flag and the choices otherwise."""
+def routing_method(name, flag: str = "--moe-routing") -> RoutingMethod:
+    """The method registered as ``name`` (a value of ``flag``); ValueError naming the flag and
+    the choices otherwise."""
     try:
         return ROUTING_METHODS[str(name)]
     except KeyError:
         raise ValueError(
-            f"routing (--moe-routing) must be one of {tuple(ROUTING_METHODS)}, got {name!r}"
+            f"routing ({flag}) must be one of {tuple(ROUTING_METHODS)}, got {name!r}"
         ) from None
 
 
