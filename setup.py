@@ -51,6 +51,7 @@ setup(
             "fairseq-moe-flops = fairseq_moe_cli.flops:main",
             "fairseq-moe-benchmark-generate = fairseq_moe_cli.benchmark_generate:main",
             "fairseq-moe-benchmark-layer = fairseq_moe_cli.benchmark_moe_layer:main",
+            "fairseq-moe-count-ops = fairseq_moe_cli.count_ops:main",
             "fairseq-moe-benchmark-ep = fairseq_moe_cli.benchmark_expert_parallel:main",
             "fairseq-moe-benchmark-logging = fairseq_moe_cli.benchmark_logging:main",
             "fairseq-moe-flags = fairseq_moe_cli.flags_table:main",
