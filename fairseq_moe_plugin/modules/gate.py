@@ -22,7 +22,7 @@ from .routing import ROUTING_METHODS, GateOutput, RoutingMethod, RoutingMode, ro
 from .routing.balancing import BiasBalancing, UsageEMA
 from .routing.capacity import CAPACITY_PRIORITIES
 from .routing.dense import Dense, DenseSchedule
-from .routing.router import router_logits
+from .routing.router import fallback_row, router_logits
 
 BALANCE_LOSSES = ("switch", "mse")
 DENSE = Dense()  # what the maturity schedule routes by while it runs
@@ -198,6 +198,9 @@ class TopKGate(nn.Module):
         self.usage_ema_decay = usage_ema
         self.bias_balancing_rate = bias_balancing_rate
         self.wg = nn.Linear(d_model, num_experts, bias=router_bias)
+        if fallback_expert >= 0:  # built once, not in every decoding step; not saved
+            row = fallback_row(num_experts, fallback_expert)
+            self.register_buffer("fallback_logits", row, persistent=False)
         if router_bias:
             nn.init.zeros_(self.wg.bias)
         self.schedule = DenseSchedule(self, dense_until) if dense_until > 0 else None
@@ -263,7 +266,13 @@ class TopKGate(nn.Module):
     def forward(self, x: torch.Tensor) -> GateOutput:
         """x: N x C non-padding tokens (any dtype). Routing is computed in fp32."""
         logits, probs, fallback_tokens = router_logits(
-            x, self.wg, self.jitter_eps, self.temperature, self.fallback_expert, self.training
+            x,
+            self.wg,
+            self.jitter_eps,
+            self.temperature,
+            self.fallback_expert,
+            self.training,
+            getattr(self, "fallback_logits", None),
         )  # N x E, N x E
         return self.active_method.route(self, logits, probs, fallback_tokens)
 

@@ -54,7 +54,8 @@ def capacity_keep_mask(
 
     Args:
         expert_index: N x k chosen experts, column j being every token's (j+1)-th choice.
-        expert_prob: N x k their softmax probabilities (the priority within a choice rank).
+        expert_prob: N x k their softmax probabilities (the priority within a choice rank; read
+            detached, only when capacity can bind).
         capacity: the most assignments an expert may keep.
     Returns:
         N x k bool, True where the assignment is kept.
@@ -65,7 +66,7 @@ def capacity_keep_mask(
     # Lay assignments out rank-major (all first choices, then all second choices, ...), so that a
     # stable sort keeps rank order and then token order among equal probabilities.
     expert_rm = expert_index.t().reshape(-1)  # (k*N), rank-major
-    prob_rm = expert_prob.t().reshape(-1)  # (k*N)
+    prob_rm = expert_prob.detach().t().reshape(-1)  # (k*N)
     order = torch.sort(prob_rm, descending=True, stable=True).indices
     rank_of = torch.arange(k, device=expert_index.device).repeat_interleave(num_tokens)
     order = order[torch.sort(rank_of[order], stable=True).indices]

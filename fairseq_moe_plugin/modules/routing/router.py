@@ -20,22 +20,37 @@ import torch.nn.functional as F
 FALLBACK_OTHER_LOGIT = -1.0e4
 
 
+def fallback_row(num_experts: int, fallback_expert: int, device=None) -> torch.Tensor:
+    """1 x E fp32: the logits a token falls back to (0 for ``fallback_expert``,
+    ``FALLBACK_OTHER_LOGIT`` elsewhere)."""
+    row = torch.full((1, num_experts), FALLBACK_OTHER_LOGIT, device=device)
+    row[0, fallback_expert] = 0.0
+    return row
+
+
 def fallback_nonfinite(
-    logits: torch.Tensor, fallback_expert: int
+    logits: torch.Tensor, fallback_expert: int, row: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace the logits of every token that has a NaN or inf logit by a one-hot choice of
     ``fallback_expert`` (0 there, ``FALLBACK_OTHER_LOGIT`` elsewhere).
 
     Args:
         logits: N x E router logits (fp32).
+        row: ``fallback_row``'s 1 x E row when the caller keeps one (the gate does, so that a
+            decoding step does not build it again); None builds it.
     Returns:
         the N x E logits, finite everywhere, and a 0-dim long tensor: how many tokens fell back.
         No host sync: the replacement is a ``where`` over all tokens.
     """
-    bad = ~torch.isfinite(logits).all(dim=-1, keepdim=True)  # N x 1
-    onehot = torch.full_like(logits[:1], FALLBACK_OTHER_LOGIT)  # 1 x E
-    onehot[0, fallback_expert] = 0.0
-    return torch.where(bad, onehot, logits), bad.sum()
+    if row is None:
+        row = fallback_row(logits.shape[1], fallback_expert, logits.device)
+    finite = torch.isfinite(logits).all(dim=-1, keepdim=True)  # N x 1
+    return torch.where(finite, logits, row), finite.numel() - finite.sum()
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, without dispatching a cast when it is already (one op less per call)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def router_logits(
@@ -45,6 +60,7 @@ def router_logits(
     temperature: float = 1.0,
     fallback_expert: int = -1,
     training: bool = False,
+    fallback_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The fp32 router: ``softmax(wg(jitter(x)) / temperature)``.
 
@@ -53,19 +69,21 @@ def router_logits(
         wg: the d_model -> E linear (its weights are read in fp32).
         fallback_expert: in eval mode, the expert a token with non-finite logits goes to (-1:
             none); training never falls back: there a broken router must surface.
+        fallback_logits: its ``fallback_row``, when the caller keeps one.
     Returns:
         logits N x E (divided by the temperature: the z-loss reads these), probs N x E, and the
         0-dim count of tokens that fell back (None when no fallback applies).
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.float()
+        x = _fp32(x)
         if training and jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - jitter_eps, 1.0 + jitter_eps)
-        bias = None if wg.bias is None else wg.bias.float()
-        logits = F.linear(x, wg.weight.float(), bias)  # N x E
+        bias = None if wg.bias is None else _fp32(wg.bias)
+        logits = F.linear(x, _fp32(wg.weight), bias)  # N x E
         if temperature != 1.0:
             logits = logits / temperature
         fallback_tokens = None
         if not training and fallback_expert >= 0:
-            logits, fallback_tokens = fallback_nonfinite(logits, fallback_expert)
+            row = None if fallback_logits is None else _fp32(fallback_logits)
+            logits, fallback_tokens = fallback_nonfinite(logits, fallback_expert, row)
         return logits, torch.softmax(logits, dim=-1), fallback_tokens

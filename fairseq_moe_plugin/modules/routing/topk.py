@@ -32,7 +32,7 @@ class TopK(RoutingMethod):
         if gate.training and gate.capacity_priority == "random":
             keep = random_keep_mask(top_index, gate.num_experts, capacity)
         else:
-            keep = capacity_keep_mask(top_index, top_prob.detach(), gate.num_experts, capacity)
+            keep = capacity_keep_mask(top_index, top_prob, gate.num_experts, capacity)
         weight = top_prob
         if gate.normalize_top_k:
             weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-9)
