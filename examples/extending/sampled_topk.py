@@ -31,7 +31,7 @@ class SampledTopK(RoutingMethod):
     mode = RoutingMode.TOKEN_CHOICE  # expert_index is N x k, keep marks what capacity kept
     has_capacity = True  # --moe-capacity-factor applies
 
-    def route(self, gate, logits, probs, fallback_tokens) -> GateOutput:
+    def route(self, gate, logits, probs, finite_rows) -> GateOutput:
         num_tokens = probs.shape[0]
         if gate.training:  # Gumbel-top-k: k experts sampled without replacement from probs
             gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-20)))
@@ -48,9 +48,9 @@ class SampledTopK(RoutingMethod):
             probs=probs,
             expert_index=index,
             expert_weight=weight * keep.to(weight.dtype),
-            keep=keep,
+            kept=keep,
             capacity=capacity,
             balance_type=gate.balance_type,
             mode=self.mode,
-            fallback_tokens=fallback_tokens,
+            finite_rows=finite_rows,
         )

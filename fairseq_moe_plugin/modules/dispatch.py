@@ -8,32 +8,37 @@ Rows are flattened tokens throughout: ``N`` tokens, ``k`` choices per token, ``M
 - ``check_plan``: the plan, the tokens and the combine weights agree with the experts held here;
 - ``cast_once``: the tokens, the combine weights and the expert parameters in the compute dtype;
 - ``expert_slices``: the (expert, first row, end row) of every expert that received rows;
-- ``combine``: each token's weighted sum of its rows, dropped choices adding nothing.
+- ``combine``: each token's weighted sum of its rows through the inverse map, dropped choices
+  adding nothing; ``scatter_combine``: the same sum as a weighted scatter-add of the rows (five
+  ops, no inverse map: what the grouped-GEMM path uses).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-
-from .routing.losses import expert_counts
 
 
 @dataclass
 class DispatchPlan:
     """Where each kept (token, choice) assignment is computed, and the way back.
 
-    ``counts[e]`` consecutive rows go to expert e. The plan is built on the tokens' device
-    without a host sync; ``tokens_per_expert`` (the counts as host ints, which a loop over
-    experts needs) syncs once, on first access.
+    Rows ``offsets[e-1]:offsets[e]`` (``counts[e]`` consecutive rows) go to expert e. The plan is
+    built on the tokens' device without a host sync, in three ops (a sort, and a search of the
+    sorted experts for each expert's end row); what only some paths read is derived on first
+    access: the counts, the inverse map ``combine_index`` (the per-expert loop and the padded
+    path combine through it; the grouped-GEMM path scatter-adds instead), and
+    ``tokens_per_expert`` (the counts as host ints, which a loop over experts needs; one sync).
     """
 
-    counts: torch.Tensor  # E long: rows of each expert, summing to M
     order: torch.Tensor  # M flat assignment ids (token * k + choice), by expert
-    token_index: torch.Tensor  # M, the token of each row (order // k)
-    combine_index: torch.Tensor  # N x k, each choice's row; M where dropped
+    sorted_expert: torch.Tensor  # M long: the expert of each row (non-decreasing)
+    offsets: torch.Tensor  # E int32: the end row of each expert's rows (cumulative counts)
+    num_tokens: int  # N
+    k: int  # choices per token
 
     @classmethod
     def from_routing(
@@ -49,24 +54,50 @@ class DispatchPlan:
             kept = keep.reshape(-1).nonzero().squeeze(1)  # M
             sorted_expert, by_expert = torch.sort(expert_flat[kept], stable=True)
             order = kept[by_expert]  # M, grouped by expert
-        rows = order.numel()
-        combine_index = torch.full_like(expert_flat, rows)  # (N*k), M = the zero row
-        combine_index[order] = torch.arange(rows, device=order.device)
-        return cls(
-            counts=expert_counts(sorted_expert, num_experts),
-            order=order,
-            token_index=torch.div(order, k, rounding_mode="floor"),
-            combine_index=combine_index.view(num_tokens, k),
-        )
+        offsets = torch.searchsorted(
+            sorted_expert, _expert_ids(num_experts, sorted_expert.device), right=True,
+            out_int32=True,
+        )  # fmt: skip
+        return cls(order, sorted_expert, offsets, num_tokens, k)
+
+    @cached_property
+    def token_index(self) -> torch.Tensor:
+        """M long: the token of each row (``order // k``)."""
+        return torch.div(self.order, self.k, rounding_mode="floor")
+
+    @cached_property
+    def counts(self) -> torch.Tensor:
+        """E long: the rows of each expert, summing to M."""
+        offsets = self.offsets.long()
+        return torch.diff(offsets, prepend=offsets.new_zeros(1))
+
+    @cached_property
+    def combine_index(self) -> torch.Tensor:
+        """N x k: each choice's row; M (the zero row the combining paths append) where dropped."""
+        rows = self.num_rows
+        index = self.order.new_full((self.num_tokens * self.k,), rows)  # (N*k)
+        index[self.order] = torch.arange(rows, device=self.order.device)
+        return index.view(self.num_tokens, self.k)
 
     @cached_property
     def tokens_per_expert(self) -> list[int]:
         """``counts`` as E host ints (a host sync on an accelerator, once per plan)."""
-        return self.counts.tolist()
+        ends = self.offsets.tolist()
+        return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
     @property
     def num_rows(self) -> int:
         return self.order.numel()
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.numel()
+
+
+@functools.lru_cache(maxsize=64)
+def _expert_ids(num_experts: int, device: torch.device) -> torch.Tensor:
+    """``arange(E)`` on ``device``, made once per (E, device): the plan searches for it."""
+    return torch.arange(num_experts, device=device)
 
 
 def check_plan(
@@ -74,11 +105,11 @@ def check_plan(
 ) -> None:
     """ValueError unless ``plan`` has one count per expert held here (``num_experts``) and
     covers the N tokens of ``x`` (N x C), and ``weight`` (N x k combine weights) matches it."""
-    num_tokens, k = plan.combine_index.shape
-    if plan.counts.numel() != num_experts or num_tokens != x.shape[0]:
+    num_tokens, k = plan.num_tokens, plan.k
+    if plan.num_experts != num_experts or num_tokens != x.shape[0]:
         raise ValueError(
             f"the plan's tokens_per_expert must have {num_experts} entries (one per expert held "
-            f"here) and cover the {x.shape[0]} tokens of x; it has {plan.counts.numel()} "
+            f"here) and cover the {x.shape[0]} tokens of x; it has {plan.num_experts} "
             f"entries for {num_tokens} tokens"
         )
     if weight is not None and weight.shape != (num_tokens, k):
@@ -97,10 +128,15 @@ def cast_once(
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        params = tuple(p.to(dtype) for p in params)
+        params = tuple(_to(p, dtype) for p in params)
     else:
         dtype = params[0].dtype
-    return x.to(dtype), (None if weight is None else weight.to(dtype)), params
+    return _to(x, dtype), (None if weight is None else _to(weight, dtype)), params
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without dispatching a cast when it already is (one op less)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def combine(
@@ -126,6 +162,20 @@ def combine(
         else:
             y = torch.addcmul(y, part, weight[:, j : j + 1])
     return y
+
+
+def scatter_combine(
+    rows: torch.Tensor, plan: DispatchPlan, weight: torch.Tensor | None
+) -> torch.Tensor:
+    """y[t] = sum over t's rows m of weight(m) * rows[m]: M x C rows (in plan order) -> N x C.
+
+    Differentiable (autograd's own backward of the gather, the product and the scatter-add); a
+    token with no kept row gets zero. The sum over a token's k rows is a scatter-add, which on
+    CUDA adds in no fixed order for k >= 3 (exact for k <= 2: 0 + a + b = 0 + b + a)."""
+    if weight is not None:
+        rows = rows * torch.take(weight, plan.order).unsqueeze(1)  # M x C, weighted
+    y = rows.new_zeros(plan.num_tokens, rows.shape[1])  # N x C
+    return y.index_add_(0, plan.token_index, rows)
 
 
 def expert_slices(plan: DispatchPlan):

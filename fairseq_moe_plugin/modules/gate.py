@@ -265,7 +265,7 @@ class TopKGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> GateOutput:
         """x: N x C non-padding tokens (any dtype). Routing is computed in fp32."""
-        logits, probs, fallback_tokens = router_logits(
+        logits, probs, finite_rows = router_logits(
             x,
             self.wg,
             self.jitter_eps,
@@ -274,7 +274,7 @@ class TopKGate(nn.Module):
             self.training,
             getattr(self, "fallback_logits", None),
         )  # N x E, N x E
-        return self.active_method.route(self, logits, probs, fallback_tokens)
+        return self.active_method.route(self, logits, probs, finite_rows)
 
     def extra_repr(self) -> str:
         return (

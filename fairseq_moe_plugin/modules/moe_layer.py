@@ -92,8 +92,7 @@ class MoELayer(nn.Module):
             tokens = x
 
         gate_out = self.gate(tokens)  # N x k experts and weights, fp32
-        keep = None if gate_out.all_kept else gate_out.keep
-        plan = DispatchPlan.from_routing(gate_out.expert_index, keep, self.num_experts)
+        plan = DispatchPlan.from_routing(gate_out.expert_index, gate_out.kept, self.num_experts)
         groups = self.experts.expert_parallel
         if groups is None:
             y_tokens = self.experts(tokens, plan, gate_out.expert_weight)  # N x C
@@ -113,7 +112,7 @@ class MoELayer(nn.Module):
         record = MoERecord(
             layer=self.name,
             routing=gate_out,
-            expert_counts=plan.counts,
+            expert_offsets=plan.offsets,
             token_index=token_index,
             input_shape=tuple(shape[:-1]),
         )

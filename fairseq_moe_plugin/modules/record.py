@@ -49,7 +49,9 @@ class MoERecord:
 
     layer: str  # the layer's module name, e.g. ``encoder.layers.1`` (see ``naming.py``)
     routing: GateOutput  # the gate's decision for the N routed tokens
-    expert_counts: torch.Tensor  # E long: assignments each expert computed (after capacity)
+    # E int32: the end row of each expert's assignments in the dispatch (cumulative counts,
+    # after capacity); ``expert_counts`` derives the counts, on first access.
+    expert_offsets: torch.Tensor
     # N long: where the routed tokens are in the layer input flattened over its leading dims
     # (``t * B + b`` for a T x B x C input); None when no padding mask was given (token i is
     # flat position i).
@@ -61,9 +63,9 @@ class MoERecord:
     probs = _routing_field("probs")  # N x E float32 (differentiable)
     expert_index = _routing_field("expert_index", detach=True, derived=True)  # N x k long
     expert_weight = _routing_field("expert_weight", detach=True, derived=True)  # N x k float
-    keep = _routing_field("keep")  # N x k bool
+    keep = _routing_field("keep", derived=True)  # N x k bool
     balance_type = _routing_field("balance_type")
-    fallback_tokens = _routing_field("fallback_tokens")  # 0-dim long, or None
+    fallback_tokens = _routing_field("fallback_tokens", derived=True)  # 0-dim long, or None
     mode = _routing_field("mode")  # RoutingMode
     k = _routing_field("k")
     # Derived on first access (cached on the routing output).
@@ -79,6 +81,12 @@ class MoERecord:
     routed_tokens = _routing_field("routed_tokens", derived=True)
     token_entropy = _routing_field("token_entropy", derived=True)
     entropy = _routing_field("entropy", derived=True)
+
+    @cached_property
+    def expert_counts(self) -> torch.Tensor:
+        """E long: assignments each expert computed (after capacity)."""
+        offsets = self.expert_offsets.long()
+        return torch.diff(offsets, prepend=offsets.new_zeros(1))
 
     @property
     def dense(self) -> bool:

@@ -50,10 +50,12 @@ class RoutingMethod:
         gate,  # the TopKGate holding the options (modules/gate.py)
         logits: torch.Tensor,
         probs: torch.Tensor,
-        fallback_tokens: torch.Tensor | None,
+        finite_rows: torch.Tensor | None,
     ) -> GateOutput:
         """The routing of N tokens from their N x E fp32 ``logits`` and ``probs``; ``gate``
-        holds the options (``k``, capacity factors, ...) and the training state."""
+        holds the options (``k``, capacity factors, ...) and the training state.
+        ``finite_rows`` (N x 1 bool: False for a token whose logits were not finite and went
+        to the fallback expert; None when no fallback applies) is passed on to the output."""
         raise NotImplementedError
 
     def experts_per_token(self, gate) -> float:

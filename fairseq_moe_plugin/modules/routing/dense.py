@@ -17,7 +17,7 @@ class Dense(RoutingMethod):
     mode = RoutingMode.DENSE
     reasons = {"bias_balancing": "dense routing selects every expert"}
 
-    def route(self, gate, logits, probs, fallback_tokens) -> GateOutput:
+    def route(self, gate, logits, probs, finite_rows) -> GateOutput:
         num_tokens = probs.shape[0]
         index = torch.arange(gate.num_experts, device=probs.device)
         return GateOutput(
@@ -25,11 +25,11 @@ class Dense(RoutingMethod):
             probs=probs,
             expert_index=index.expand(num_tokens, -1),  # N x E
             expert_weight=probs,  # N x E
-            keep=torch.ones_like(probs, dtype=torch.bool),
+            kept=None,  # every expert computes every token
             capacity=num_tokens,
             balance_type=gate.balance_type,
             mode=self.mode,
-            fallback_tokens=fallback_tokens,
+            finite_rows=finite_rows,
         )
 
     def experts_per_token(self, gate) -> float:

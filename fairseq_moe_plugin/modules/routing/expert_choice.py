@@ -69,7 +69,7 @@ class ExpertChoice(RoutingMethod):
         "tokens the old experts take, and the grown model would not compute what the old one did",
     }
 
-    def route(self, gate, logits, probs, fallback_tokens) -> GateOutput:
+    def route(self, gate, logits, probs, finite_rows) -> GateOutput:
         """A token's weight for an expert that took it is its probability (renormalised over
         the experts that took it with ``normalize_top_k``), 0 elsewhere (logits, probs: N x E)."""
         num_tokens = probs.shape[0]
@@ -84,11 +84,11 @@ class ExpertChoice(RoutingMethod):
             probs=probs,
             expert_index=index.expand(num_tokens, -1),  # N x E
             expert_weight=weight,
-            keep=keep,
+            kept=keep,
             capacity=capacity,
             balance_type=gate.balance_type,
             mode=self.mode,
-            fallback_tokens=fallback_tokens,
+            finite_rows=finite_rows,
         )
 
     def experts_per_token(self, gate) -> float:

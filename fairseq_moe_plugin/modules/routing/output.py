@@ -48,13 +48,15 @@ class GateOutput(RouterLosses):
     probs: torch.Tensor  # N x E softmax over all experts (differentiable)
     expert_index: torch.Tensor  # N x k experts (k = E under DENSE and EXPERT_CHOICE)
     expert_weight: torch.Tensor  # N x k combine weights, 0 where dropped (differentiable)
-    keep: torch.Tensor  # N x k bool, False where the assignment is not computed
+    # N x k bool, False where the assignment is not computed; None when every assignment is
+    # (capacity cannot bind, so no mask is made): ``keep`` reads it as a mask either way.
+    kept: torch.Tensor | None
     capacity: int  # per-expert capacity used (N when nothing can be dropped)
     balance_type: str = "switch"  # which balance loss ``balance_loss`` computes
     mode: RoutingMode = RoutingMode.TOKEN_CHOICE
-    # 0-dim long: tokens whose router logits were not finite and went to the fallback expert
-    # (eval only, ``fallback_expert >= 0``); None when no fallback is applied.
-    fallback_tokens: torch.Tensor | None = None
+    # N x 1 bool: False for the tokens whose router logits were not finite and went to the
+    # fallback expert (eval only, ``fallback_expert >= 0``); None when no fallback is applied.
+    finite_rows: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -73,6 +75,22 @@ class GateOutput(RouterLosses):
     def all_kept(self) -> bool:
         """True when capacity cannot bind (dropless, or capacity >= N): ``keep`` is all True."""
         return self.capacity >= self.expert_index.shape[0]
+
+    @cached_property
+    def fallback_tokens(self) -> torch.Tensor | None:
+        """0-dim long: how many tokens went to the fallback expert; None when no fallback is
+        applied."""
+        if self.finite_rows is None:
+            return None
+        return self.finite_rows.numel() - self.finite_rows.sum()
+
+    @cached_property
+    def keep(self) -> torch.Tensor:
+        """N x k bool, False where the assignment is not computed (``kept``; all True, made on
+        first access, when it is None)."""
+        if self.kept is None:
+            return torch.ones_like(self.expert_index, dtype=torch.bool)
+        return self.kept
 
     @property
     def dropped_token_mask(self) -> torch.Tensor:
@@ -101,8 +119,10 @@ class GateOutput(RouterLosses):
         """Scalar long: assignments dropped by capacity (none under EXPERT_CHOICE: experts
         choose, see ``unchosen_tokens``)."""
         if self.mode is RoutingMode.EXPERT_CHOICE:
-            return self.keep.new_zeros((), dtype=torch.long)
-        return (~self.keep).sum()
+            return self.expert_index.new_zeros((), dtype=torch.long)
+        if self.kept is None:
+            return self.expert_index.new_zeros((), dtype=torch.long)
+        return (~self.kept).sum()
 
     @cached_property
     def dropped_tokens(self) -> torch.Tensor:
@@ -119,7 +139,9 @@ class GateOutput(RouterLosses):
     def computed_assignments(self) -> torch.Tensor:
         """Scalar long: (token, expert) pairs computed; divided by ``routed_tokens`` it is the
         mean number of experts per token."""
-        return self.keep.sum()
+        if self.kept is None:
+            return torch.tensor(self.expert_index.numel(), device=self.expert_index.device)
+        return self.kept.sum()
 
     @cached_property
     def routed_tokens(self) -> torch.Tensor:

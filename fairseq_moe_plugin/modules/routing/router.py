@@ -39,13 +39,14 @@ def fallback_nonfinite(
         row: ``fallback_row``'s 1 x E row when the caller keeps one (the gate does, so that a
             decoding step does not build it again); None builds it.
     Returns:
-        the N x E logits, finite everywhere, and a 0-dim long tensor: how many tokens fell back.
-        No host sync: the replacement is a ``where`` over all tokens.
+        the N x E logits, finite everywhere, and N x 1 bool: False for the tokens that fell back
+        (``GateOutput.fallback_tokens`` counts them, when read). No host sync: the replacement
+        is a ``where`` over all tokens.
     """
     if row is None:
         row = fallback_row(logits.shape[1], fallback_expert, logits.device)
     finite = torch.isfinite(logits).all(dim=-1, keepdim=True)  # N x 1
-    return torch.where(finite, logits, row), finite.numel() - finite.sum()
+    return torch.where(finite, logits, row), finite
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ def router_logits(
         fallback_logits: its ``fallback_row``, when the caller keeps one.
     Returns:
         logits N x E (divided by the temperature: the z-loss reads these), probs N x E, and the
-        0-dim count of tokens that fell back (None when no fallback applies).
+        N x 1 mask of tokens that did not fall back (None when no fallback applies).
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = _fp32(x)
@@ -82,8 +83,8 @@ def router_logits(
         logits = F.linear(x, _fp32(wg.weight), bias)  # N x E
         if temperature != 1.0:
             logits = logits / temperature
-        fallback_tokens = None
+        finite_rows = None
         if not training and fallback_expert >= 0:
             row = None if fallback_logits is None else _fp32(fallback_logits)
-            logits, fallback_tokens = fallback_nonfinite(logits, fallback_expert, row)
-        return logits, torch.softmax(logits, dim=-1), fallback_tokens
+            logits, finite_rows = fallback_nonfinite(logits, fallback_expert, row)
+        return logits, torch.softmax(logits, dim=-1), finite_rows

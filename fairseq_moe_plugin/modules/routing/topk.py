@@ -19,7 +19,7 @@ class TopK(RoutingMethod):
     has_capacity = True
     bias_balancing = True
 
-    def route(self, gate, logits, probs, fallback_tokens) -> GateOutput:
+    def route(self, gate, logits, probs, finite_rows) -> GateOutput:
         num_tokens = probs.shape[0]
         bias = gate.selection_bias()  # E, or None without bias balancing
         if bias is not None:  # the bias picks the experts, never weighs them
@@ -29,7 +29,9 @@ class TopK(RoutingMethod):
             top_prob, top_index = torch.topk(probs, gate.k, dim=-1)  # N x k, best first
         factor = gate.capacity_factor if gate.training else gate.eval_capacity_factor
         capacity = expert_capacity(num_tokens, gate.num_experts, gate.k, factor)
-        if gate.training and gate.capacity_priority == "random":
+        if capacity >= num_tokens:  # an expert gets at most one assignment per token
+            keep = None  # every assignment is kept
+        elif gate.training and gate.capacity_priority == "random":
             keep = random_keep_mask(top_index, gate.num_experts, capacity)
         else:
             keep = capacity_keep_mask(top_index, top_prob, gate.num_experts, capacity)
@@ -43,9 +45,9 @@ class TopK(RoutingMethod):
             probs=probs,
             expert_index=top_index,
             expert_weight=weight,
-            keep=keep,
+            kept=keep,
             capacity=capacity,
             balance_type=gate.balance_type,
             mode=self.mode,
-            fallback_tokens=fallback_tokens,
+            finite_rows=finite_rows,
         )
