@@ -7,11 +7,9 @@ layer is built from, and ``check_layer_options`` applies those same rows, with t
 as the prefix, when a layer is built from a bare ``MoEConfig`` (``build_moe_layer``), so that
 the wording is the same wherever a config is refused.
 
-The routing methods (``modules/routing``), the expert kinds and the placements
-(``modules/expert_kinds.py``) answer the questions the rules ask (``causal``,
-``supports_shared_experts``, ...); no rule compares a method's or a kind's name. A module checks
-only its own arguments (``TopKGate``'s ranges, the experts' sizes); the argument rows below call
-those same checks, so a range has one wording too.
+The routing methods, the expert kinds and the placements answer the questions the rules ask
+(``causal``, ``supports_shared_experts``, ...); no rule compares a method's or a kind's name.
+A module checks only its own arguments; the argument rows call those checks (one wording).
 """
 
 from __future__ import annotations
@@ -365,6 +363,13 @@ RULES: list[Rule] = [
          and bool(o.moe_freeze_base or o.moe_save_trainable_only),
          lambda o: f"--moe-int8 {o.moe_int8} is for inference: not with "
          "--moe-freeze-base/--moe-save-trainable-only"),
+    Rule(("moe_compile", "moe_capacity_factor", "moe_eval_capacity_factor", "moe_routing",
+          "moe_decoder_routing", "moe_expert_parallel_size"),
+         lambda o: bool(o.moe_compile) and (max(o.moe_capacity_factor, o.moe_eval_capacity_factor)
+            > 0 or o.moe_expert_parallel_size > 1 or not all(m.batch_independent for m in o.methods)),
+         lambda o: "--moe-compile needs dropless, batch-independent routing on one process "
+         "(--moe-capacity-factor 0, --moe-eval-capacity-factor 0, top-k or dense routing, "
+         "--moe-expert-parallel-size 1): padding makes the token count data-dependent in the graph"),
 ]  # fmt: skip
 
 

@@ -1,6 +1,5 @@
-"""The MoE options of ``moe_transformer`` and ``moe_roberta``: one dataclass, with help text,
-from which the command-line flags and the flags table (docs/reference/flags.md) are generated, and their
-validation."""
+"""The MoE options of ``moe_transformer`` and ``moe_roberta``: one dataclass, with help text (the
+flags and docs/reference/flags.md are generated from it)."""
 
 import logging
 from argparse import Namespace
@@ -32,6 +31,11 @@ INT8_MODES = ("off", *INT8_KINDS)
 INT8_CHOICES = ChoiceEnum(list(INT8_MODES))
 EXPERT_TYPE_CHOICES = ChoiceEnum(list(EXPERT_KINDS))
 CHECKPOINT_FORMAT_CHOICES = ChoiceEnum(["consolidated", "sharded"])
+
+
+def _moe_freq(side: str):
+    help = f"every N-th {side} layer (layers N-1, 2N-1, ... from 0) is MoE; 0 = none (dense)"
+    return field(default=2, metadata={"help": help})
 
 
 def _provenance(writer: str, what: str):  # written by the tools (models/provenance.py)
@@ -101,6 +105,14 @@ class MoEConfig(FairseqDataclass):
             "(one batched matmul over an experts x rows grid) for inference on few tokens per "
             "expert, such as a decoding step, else loop (per-expert matmuls with the plugin's "
             "own backward). Name one to force it; padded is for inference only"
+        },
+    )
+    moe_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each MoE layer (fullgraph, dynamic shapes; the experts run "
+            "as one operator, docs/performance.md): needs dropless top-k or dense routing "
+            "on one process"
         },
     )
     moe_expert_parallel_size: int = field(
@@ -350,20 +362,8 @@ class MoEConfig(FairseqDataclass):
             "--model-overrides \"{'moe_base_checkpoint': 'PATH'}\"); its sha256 must match"
         },
     )
-    encoder_moe_freq: int = field(
-        default=2,
-        metadata={
-            "help": "every N-th encoder layer (layers N-1, 2N-1, ... counting from 0) has an "
-            "MoE FFN; 0 = none (the dense transformer)"
-        },
-    )
-    decoder_moe_freq: int = field(
-        default=2,
-        metadata={
-            "help": "every N-th decoder layer (layers N-1, 2N-1, ... counting from 0) has an "
-            "MoE FFN; 0 = none (the dense transformer)"
-        },
-    )
+    encoder_moe_freq: int = _moe_freq("encoder")
+    decoder_moe_freq: int = _moe_freq("decoder")
     moe_upcycled_from: Optional[str] = _provenance(
         "--moe-init-from-dense", "the dense checkpoint the model was upcycled from"
     )

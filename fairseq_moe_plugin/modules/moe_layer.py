@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .compiled_experts import compiled_experts_call, register_experts
 from .dispatch import DispatchPlan
 from .expert_parallel import expert_parallel_ffn
 from .expert_protocol import Experts
@@ -49,6 +50,7 @@ class MoELayer(nn.Module):
         name: str = "moe",
         shared: SharedExperts | None = None,
         eom: float = 0.0,
+        compile: bool = False,
     ):
         super().__init__()
         if gate.num_experts != experts.num_experts:
@@ -62,6 +64,10 @@ class MoELayer(nn.Module):
         self.name = name
         self.shared = shared  # a submodule only when present: else the state dict is unchanged
         self.eom = eom
+        self.compile = compile
+        # ``--moe-compile``: the whole forward as one graph, the experts behind an operator
+        # (``compiled_experts.py``); built on first use (nothing to compile for a layer never run).
+        self._compiled = None
 
     @property
     def num_experts(self) -> int:
@@ -69,6 +75,20 @@ class MoELayer(nn.Module):
 
     def forward(
         self, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoERecord]:
+        """The layer; with ``compile``, ``torch.compile(fullgraph=True, dynamic=True)`` of it."""
+        if not self.compile or torch.compiler.is_compiling():
+            if self.compile:
+                self._experts_key = register_experts(self.experts)
+            return self._forward(x, padding_mask, via_operator=self.compile)
+        if self._compiled is None:
+            self._compiled = torch.compile(self._forward, fullgraph=True, dynamic=True)
+        self._experts_key = register_experts(self.experts)  # read in the graph as a constant
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return self._compiled(x, padding_mask, via_operator=True)
+
+    def _forward(
+        self, x: torch.Tensor, padding_mask: torch.Tensor | None, via_operator: bool
     ) -> tuple[torch.Tensor, MoERecord]:
         """
         Args:
@@ -92,14 +112,25 @@ class MoELayer(nn.Module):
             tokens = x
 
         gate_out = self.gate(tokens)  # N x k experts and weights, fp32
-        plan = DispatchPlan.from_routing(gate_out.expert_index, gate_out.kept, self.num_experts)
         groups = self.experts.expert_parallel
-        if groups is None:
-            y_tokens = self.experts(tokens, plan, gate_out.expert_weight)  # N x C
-        else:  # the experts are sharded over ranks: tokens travel to them and back
-            y_tokens = expert_parallel_ffn(
-                tokens, plan, gate_out.expert_weight, self.experts, groups
-            )
+        if via_operator:  # the experts as one operator (compiled_experts.py): no graph break
+            y_tokens, offsets = compiled_experts_call(
+                self.experts,
+                self._experts_key,
+                tokens,
+                gate_out.expert_weight,
+                gate_out.expert_index,
+                gate_out.kept,
+            )  # N x C, E
+        else:
+            plan = DispatchPlan.from_routing(gate_out.expert_index, gate_out.kept, self.num_experts)
+            offsets = plan.offsets
+            if groups is None:
+                y_tokens = self.experts(tokens, plan, gate_out.expert_weight)  # N x C
+            else:  # the experts are sharded over ranks: tokens travel to them and back
+                y_tokens = expert_parallel_ffn(
+                    tokens, plan, gate_out.expert_weight, self.experts, groups
+                )
         if self.training and self.eom > 0:
             y_tokens = expert_output_mask(y_tokens, self.eom)
         if self.shared is not None:
@@ -112,7 +143,7 @@ class MoELayer(nn.Module):
         record = MoERecord(
             layer=self.name,
             routing=gate_out,
-            expert_offsets=plan.offsets,
+            expert_offsets=offsets,
             token_index=token_index,
             input_shape=tuple(shape[:-1]),
         )

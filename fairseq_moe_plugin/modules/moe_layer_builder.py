@@ -66,4 +66,5 @@ def build_moe_layer(
     experts = build_experts(moe_cfg, d_model, ffn_dim, activation_fn, activation_dropout)
     shared = build_shared_experts(moe_cfg, d_model, ffn_dim, activation_fn, activation_dropout)
     eom = float(getattr(moe_cfg, "moe_eom", 0.0) or 0.0)
-    return MoELayer(gate, experts, name=name, shared=shared, eom=eom)
+    compile_ = bool(getattr(moe_cfg, "moe_compile", False))
+    return MoELayer(gate, experts, name=name, shared=shared, eom=eom, compile=compile_)
