@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .activations import activate, activation_backward, dropout_scale
-from .dispatch import DispatchPlan, combine, expert_slices, scatter_combine
+from .dispatch import DispatchPlan, combine, expert_slices
 from .grad_buffers import GradientBuffers
 
 
@@ -107,7 +107,7 @@ def _inference_forward(
     """Inference (no autograd, no dropout) in as few ops as a loop over experts allows: one
     gather of the rows, four ops per expert that received rows (a slice and two ``F.linear``
     around the activation; the stacks are unbound once per call, not indexed per expert), one
-    concatenation and the scatter-add combine. A decoding step has a few rows for a few
+    concatenation and the combine. A decoding step has a few rows for a few
     experts, where the fixed cost per op, not the FLOPs, decides (``fairseq-moe-count-ops``)."""
     rows = x.index_select(0, plan.token_index)  # M x C, sorted by expert
     w1, b1 = fc1_weight.unbind(0), fc1_bias.unbind(0)
@@ -116,8 +116,10 @@ def _inference_forward(
         F.linear(activate(activation, F.linear(rows[start:end], w1[e], b1[e]))[0], w2[e], b2[e])
         for e, start, end in expert_slices(plan)
     ]  # count x C each
-    out = outs[0] if len(outs) == 1 else torch.cat(outs) if outs else rows.new_zeros(0, x.shape[1])
-    return scatter_combine(out, plan, weight)  # N x C
+    out = torch.cat([*outs, rows.new_zeros(1, x.shape[1])])  # (M+1) x C, row M zero (dropped)
+    # Combined through the inverse map, in the order the training path and expert parallelism
+    # sum a token's rows, so that every path gives the same bits.
+    return combine(out, plan.combine_index, weight)  # N x C
 
 
 class _GroupedExpertFFN(torch.autograd.Function):
