@@ -64,6 +64,9 @@ setup(
             "fairseq-moe-benchmark-quantize = fairseq_moe_cli.benchmark_quantize:main",
             "fairseq-moe-consolidate = fairseq_moe_cli.consolidate:main",
             "fairseq-moe-benchmark-checkpoint = fairseq_moe_cli.benchmark_checkpoint:main",
+            "fairseq-moe-prune-experts = fairseq_moe_cli.prune_experts:main",
+            "fairseq-moe-prune-report = fairseq_moe_cli.prune_report:main",
+            "fairseq-moe-benchmark-onnx-generate = fairseq_moe_cli.benchmark_onnx_generate:main",
         ]
     },
 )

@@ -1,31 +1,38 @@
-"""Export a trained ``moe_roberta`` classifier (with one classification head) or the encoder of a
-``moe_transformer`` to ONNX, and check the graph against PyTorch on real inputs.
+"""Export a trained ``moe_roberta`` classifier (with one classification head), or a translation
+model (``moe_transformer`` or fairseq's dense ``transformer``: the whole model, or its encoder) to
+ONNX, and check the graphs against PyTorch on real inputs.
 
-    fairseq-moe-export-onnx CHECKPOINT --out model.onnx [--part classifier|encoder] \\
+    fairseq-moe-export-onnx CHECKPOINT --out OUT [--part classifier|translation|encoder] \\
         [--head sentence_classification_head] [--moe-op plain|fused|qmoe] [--data DATA_BIN] \\
         [--split test | --verify-text FILE [--spm-model spm.model]] [--no-verify] \\
         [--decrypt-key-file KEY]
 
-(or ``python scripts/export_onnx.py ...``). The graph has dynamic batch and length axes; its MoE
-routing is a static graph (``fairseq_moe_plugin/deploy/onnx_moe.py``: ``plain`` standard ops,
-the default; ``fused`` onnxruntime's ``com.microsoft.MoE``; ``qmoe`` its int8 ``QMoE``).
+(or ``python scripts/export_onnx.py ...``). The graphs have dynamic batch and length axes; their
+MoE routing is a static graph (``fairseq_moe_plugin/deploy/onnx_moe.py``: ``plain`` standard
+ops, the default; ``fused`` onnxruntime's ``com.microsoft.MoE``; ``qmoe`` its int8 ``QMoE``).
+
+``--part translation`` (the default for a translation model) writes the folder OUT that
+``fairseq-moe-serve --engine onnx`` serves (``deploy/onnx_generate.py``): ``encoder.onnx``,
+``cross_kv.onnx`` (each decoder layer's cross-attention keys/values, computed once per batch),
+``decoder_step.onnx`` (one token with its self-attention caches in and out, grown by one;
+``deploy/onnx_decoder.py``), the task's dictionaries and ``manifest.json``. ``--part encoder``
+writes the encoder graph alone to the file OUT.
 
 Verification (on by default) runs onnxruntime and the unmodified PyTorch model (eval) on real
 sentences: the checkpoint's binarised ``--split`` (its data folder, or ``--data``), or the lines of
 ``--verify-text`` encoded as fairseq's task encodes them (sentencepiece, the task's dictionary,
 RoBERTa's ``<s>``/``</s>``; the translation task's language tokens). It prints the largest
 |difference| of the logits (of the whole encoder output for ``--part encoder``) and the share
-of equal predictions (of equal padding masks), and fails (exit 1) unless the difference is <= ``--atol`` (1e-4)
-and every prediction is equal. For ``qmoe`` the bound is checked against the same int8 weights
-dequantised in PyTorch (the graph's correctness), and the figures against the fp32 model (the
-quantisation loss) are printed beside it. Beside the .onnx file, ``OUT.json`` records the inputs,
-outputs, padding index, classes and these figures. The weights in the .onnx file are not
-encrypted, even when the checkpoint was.
-
-Translation: only the encoder is exported (``--part encoder``). The decoder step is NOT: it would
-need each decoder layer's self-attention key/value cache as graph inputs and outputs, the
-cross-attention keys/values computed from the encoder output, the step's position, and the
-reordering of the caches for beam search.
+of equal predictions (of equal padding masks), and fails (exit 1) unless the difference is <=
+``--atol`` (1e-4) and every prediction is equal. For ``--part translation`` it checks the
+encoder output as for ``--part encoder``, then runs greedy search (the task's generator, beam 1)
+with both engines: the decoder logits along PyTorch's hypothesis (step by step in ONNX, one full
+forward in PyTorch) must agree within ``--atol`` and every hypothesis must be equal. For ``qmoe``
+the bound is checked against the same int8 weights dequantised in PyTorch (the graph's
+correctness), and the figures against the fp32 model (the quantisation loss) are printed beside
+it. Beside a single .onnx file, ``OUT.json`` records the inputs, outputs, padding index, classes
+and these figures (in the folder's ``verify.json`` for ``--part translation``). The weights in
+the ONNX files are not encrypted, even when the checkpoint was.
 """
 
 from __future__ import annotations
@@ -45,10 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
     )  # fmt: skip
     p.add_argument("checkpoint", help="a trained moe_roberta or moe_transformer checkpoint")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--part", choices=("classifier", "encoder"),
-                   help="classifier (moe_roberta + head) or encoder (moe_transformer's); default: "
-                   "the model's. The decoder step is not exported")  # fmt: skip
+    p.add_argument("--out", required=True, help="the .onnx file to write (the folder to write "
+                   "for --part translation)")  # fmt: skip
+    p.add_argument("--part", choices=("classifier", "translation", "encoder"),
+                   help="classifier (moe_roberta + head), translation (the whole translation "
+                   "model: encoder, cross_kv, decoder_step) or encoder (its encoder alone); "
+                   "default: the model's (classifier or translation)")  # fmt: skip
     p.add_argument("--head", default=None,
                    help="classification head (default: the criterion's, else "
                    "sentence_classification_head)")  # fmt: skip
@@ -181,7 +190,12 @@ def verification_batches(args, task, part: str, model) -> list:
     if size < 1 or limit < 0:
         raise ValueError("--verify-batch-size must be >= 1 and --verify-max-sentences >= 0")
     langs = task_option(task, "source_lang"), task_option(task, "target_lang")
-    if args.verify_text and part == "encoder" and hasattr(task, "data_manager") and None in langs:
+    if (
+        args.verify_text
+        and part != "classifier"
+        and hasattr(task, "data_manager")
+        and None in langs
+    ):
         raise ValueError(
             "--verify-text on a multilingual task needs --source-lang and --target-lang"
         )
@@ -205,6 +219,8 @@ def export_and_verify(args) -> dict:
                                    ("target_lang", args.target_lang)) if v}  # fmt: skip
     model, cfg, task = load(args.checkpoint, args.decrypt_key_file, args.data, overrides)
     part = args.part or ox.model_kind(model)
+    if part == "translation":
+        return export_translation_folder(args, model, cfg, task)
     head = head_name(cfg, args.head)
     module = ox.build_export_module(model, part, head, args.moe_op)
     batches = verification_batches(args, task, part, model) if args.verify else []
@@ -218,7 +234,7 @@ def export_and_verify(args) -> dict:
     out = ox.export_onnx(module, args.out, inputs, part, max_positions)
     report = {"checkpoint": str(args.checkpoint), "onnx": str(out), "part": part,
               "moe_op": args.moe_op, "padding_idx": task.source_dictionary.pad(),
-              "max_positions": max_positions, "decoder_step": "not exported"}  # fmt: skip
+              "max_positions": max_positions}  # fmt: skip
     if part == "classifier":
         labels = task.label_dictionary
         n_classes = int(model.classification_heads[head].out_proj.out_features)
@@ -259,6 +275,78 @@ def export_and_verify(args) -> dict:
     return report
 
 
+def verify_translation(model, onnx_model, task, cfg, batches, atol: float) -> dict:
+    """Greedy search (the task's generator, beam 1) by both engines on ``batches``: the largest
+    |logit difference| along PyTorch's hypotheses and the share of equal hypotheses."""
+    import math
+
+    import torch
+    from fairseq.data import data_utils
+    from omegaconf import OmegaConf
+
+    gen = OmegaConf.to_container(cfg.generation, resolve=True)
+    gen.update(beam=1, nbest=1)
+    gens = [task.build_generator([m], OmegaConf.create(gen)) for m in (model, onnx_model)]
+    pad, eos = task.source_dictionary.pad(), task.target_dictionary.eos()
+    max_diff, equal, total = 0.0, 0, 0
+    with torch.inference_mode():
+        for tokens in batches:
+            lengths = tokens.ne(pad).sum(dim=1)
+            sample = {"id": torch.arange(len(tokens)),
+                      "net_input": {"src_tokens": tokens, "src_lengths": lengths}}  # fmt: skip
+            want, got = (task.inference_step(g, [m], sample)
+                         for g, m in zip(gens, (model, onnx_model), strict=True))  # fmt: skip
+            for w, g in zip(want, got, strict=True):
+                equal += int(torch.equal(w[0]["tokens"], g[0]["tokens"]))
+                total += 1
+            # teacher-forced along PyTorch's hypotheses: </s> then the hypothesis, right-padded
+            prev = data_utils.collate_tokens(
+                [torch.cat([w[0]["tokens"].new_tensor([eos]), w[0]["tokens"][:-1]]) for w in want],
+                task.target_dictionary.pad())  # fmt: skip
+            real = prev.ne(task.target_dictionary.pad())  # B x T
+            ref, _ = model(tokens, lengths, prev)
+            onnx_logits, _ = onnx_model(tokens, lengths, prev)
+            diff = (ref - onnx_logits).abs().nan_to_num(nan=math.inf)[real]
+            max_diff = max(max_diff, float(diff.max()) if diff.numel() else 0.0)
+    agreement = equal / total if total else 1.0
+    return {"sentences": total, "batches": len(batches), "max_abs_diff": max_diff,
+            "agreement": agreement, "atol": atol,
+            "ok": max_diff <= atol and agreement == 1.0}  # fmt: skip
+
+
+def export_translation_folder(args, model, cfg, task) -> dict:
+    """--part translation: write the folder, verify encoder and greedy search; the report."""
+    from fairseq_moe_plugin.deploy import onnx_export as ox
+    from fairseq_moe_plugin.deploy import onnx_generate as og
+
+    folder = Path(args.out)
+    if folder.is_file():
+        raise ValueError(f"--out {folder} is a file; --part translation writes a folder")
+    batches = verification_batches(args, task, "encoder", model) if args.verify else []
+    manifest = og.export_translation(model, task, cfg, folder, args.moe_op, args.checkpoint)
+    report = {"checkpoint": str(args.checkpoint), "onnx": str(folder), "part": "translation",
+              "moe_op": args.moe_op, "files": manifest["files"]}  # fmt: skip
+    size = sum(p.stat().st_size for p in folder.glob("*.onnx")) / 2**20
+    print(f"{PROG}: wrote {folder} (translation: encoder, cross_kv, decoder_step; --moe-op "
+          f"{args.moe_op}, {size:.1f} MiB)", flush=True)  # fmt: skip
+    if args.verify:
+        onnx_model, *_ = og.load_onnx_model(folder, args.threads)
+        pad = task.source_dictionary.pad()
+        report["verify_encoder"] = ox.compare(
+            onnx_model.encoder.encoder_session, "encoder", batches,
+            lambda t: ox.reference(model, "encoder", "", t), args.atol, pad)  # fmt: skip
+        report["verify"] = verify_translation(model, onnx_model, task, cfg, batches, args.atol)
+        enc, dec = report["verify_encoder"], report["verify"]
+        print(f"{PROG}: verify on {dec['sentences']} sentences ({dec['batches']} batches) vs "
+              f"PyTorch: max |encoder output diff| {enc['max_abs_diff']:.3g}, equal padding "
+              f"masks {enc['agreement']:.2%}; greedy search: max |logits diff| "
+              f"{dec['max_abs_diff']:.3g}, equal hypotheses {dec['agreement']:.2%}",
+              flush=True)  # fmt: skip
+        report["verified"] = enc["ok"] and dec["ok"]
+    (folder / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv=None) -> int:
     """CLI entry point; 0 when exported (and verified), 1 when the check fails, 2 on bad input."""
     from fairseq_moe_plugin.deploy.onnx_moe import INEXACT_ORT_ACTIVATIONS
@@ -279,7 +367,7 @@ def main(argv=None) -> int:
               "inspection", file=sys.stderr)  # fmt: skip
         return 1
     if report["part"] == "encoder":
-        print(f"{PROG}: note: only the encoder was exported; the decoder step was not")
+        print(f"{PROG}: note: only the encoder was exported (--part translation: the whole model)")
     return 0
 
 

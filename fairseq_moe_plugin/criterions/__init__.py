@@ -1,1 +1,5 @@
-from . import label_smoothed_cross_entropy_moe, sentence_prediction_moe  # noqa: F401  (registers the criteria)
+from . import (  # noqa: F401  (registers the criteria)
+    label_smoothed_cross_entropy_distill,
+    label_smoothed_cross_entropy_moe,
+    sentence_prediction_moe,
+)

@@ -1,4 +1,4 @@
-"""ONNX export of ``moe_roberta`` + a classification head, and of ``moe_transformer``'s encoder.
+"""ONNX export of ``moe_roberta`` + a classification head, and of a translation model's encoder.
 
     classifier: src_tokens B x T int64 (fairseq's right padding)   -> logits B x num_classes
     encoder:    src_tokens B x S int64 (padded as the task pads), src_lengths B int64
@@ -21,14 +21,11 @@ map a torch custom op onto onnxruntime's ``com.microsoft.MoE``/``QMoE`` through 
 batch 1 on the measured classifier; ``onnx_moe``'s docstring has the figures, and when ``fused``
 (or PyTorch itself, at large batches) is better.
 
-Translation: only the ENCODER is exported. The decoder step was NOT exported. A step graph would
-need, as inputs and outputs per decoder layer, the self-attention key/value cache
-(B*beam x heads x t x head_dim each, growing by one position per step, plus its padding mask),
-the cross-attention keys/values projected once from the encoder output (static over the steps),
-the step's position (for the sinusoidal/learned position of the one new token), and the beam
-search's reordering of all those caches by the surviving hypotheses (fairseq's
-``reorder_incremental_state``), which an exported step has to take as an index input or leave
-to the caller. None of that is done here.
+Translation: this module exports the encoder (``--part encoder``, or as the first graph of
+``--part translation``); ``onnx_decoder`` exports the decoder step with its key/value caches and
+the cross-attention keys/values (reusing ``layer_ffn`` and ``positions_table`` from here), and
+``onnx_generate`` writes the three graphs into one folder and runs them under fairseq's
+``SequenceGenerator``, the beam reordering done outside the graphs.
 """
 
 from __future__ import annotations
@@ -42,26 +39,25 @@ import torch.nn.functional as F
 
 from .onnx_moe import ExportError, ExportMoE, ort_translation_table
 
-PARTS = ("classifier", "encoder")
+PARTS = ("classifier", "encoder", "translation")
 DEFAULT_HEAD = "sentence_classification_head"
-DECODER_NOT_EXPORTED = (
-    "the decoder step is not exported: it would need each decoder layer's self-attention "
-    "key/value cache as graph inputs and outputs, the cross-attention keys/values from the "
-    "encoder, the step's position, and the beam search's reordering of the caches"
-)
 
 
-def _positions_table(encoder) -> tuple[torch.Tensor | None, bool]:
-    """(the position embedding table, whether it is learned), or (None, False) without one."""
+def positions_table(module, max_positions: int | None = None) -> tuple[torch.Tensor | None, bool]:
+    """(the position embedding table, whether it is learned), or (None, False) without one.
+    ``module``: an encoder or decoder (``embed_positions``, ``padding_idx``); the sinusoidal
+    table covers ``max_positions`` (default: the encoder's ``max_source_positions``)."""
     from fairseq.modules import LearnedPositionalEmbedding, SinusoidalPositionalEmbedding
 
-    pos = encoder.embed_positions
+    pos = module.embed_positions
     if pos is None:
         return None, False
     if isinstance(pos, LearnedPositionalEmbedding):
         return None, True  # the module's own weight is used
     if isinstance(pos, SinusoidalPositionalEmbedding):
-        size = encoder.padding_idx + 1 + encoder.max_source_positions
+        if max_positions is None:
+            max_positions = module.max_source_positions
+        size = module.padding_idx + 1 + max_positions
         table = SinusoidalPositionalEmbedding.get_embedding(
             size, pos.embedding_dim, pos.padding_idx
         )
@@ -76,6 +72,25 @@ def _check_attention(attn, name: str) -> None:
         raise ExportError(f"{name}: expected a self-attention module")
 
 
+def layer_ffn(moe: nn.ModuleDict, index: int, layer, x: torch.Tensor,
+              real_tokens: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """A layer's FFN (dense, MoE, MoE beside the dense FFN, or the two mixed by the CMR gate):
+    x T x B x C, real_tokens (T*B) x 1 (False at padding) -> T x B x C. ``moe`` maps the layer
+    index (str) to its ``ExportMoE``; a layer without one is dense."""
+    key = str(index)
+    if key not in moe:
+        return layer.fc2(layer.activation_fn(layer.fc1(x)))
+    y = moe[key](x.flatten(0, 1), real_tokens).view_as(x).to(x.dtype)
+    if getattr(layer, "parallel_ffn", False):  # --moe-expert-placement parallel
+        y = y + layer.fc2(layer.activation_fn(layer.fc1(x)))
+    elif getattr(layer, "cmr", False):  # --moe-cmr: (1 - g) * dense + g * MoE
+        gate = layer.cmr_gate
+        g = torch.sigmoid(F.linear(x.float(), gate.weight.float(), gate.bias.float()))
+        dense = layer.fc2(layer.activation_fn(layer.fc1(x)))
+        y = ((1.0 - g) * dense.float() + g * y.float()).to(x.dtype)  # T x B x C
+    return y
+
+
 class ExportEncoder(nn.Module):
     """fairseq's ``TransformerEncoderBase`` forward (eval, no dropout) over the encoder's own
     modules, with MoE blocks as ``ExportMoE``: src_tokens B x T -> (T x B x C, B x T pad)."""
@@ -86,7 +101,7 @@ class ExportEncoder(nn.Module):
 
         self.encoder = encoder
         self.padding_idx = int(encoder.padding_idx)
-        table, self.learned_positions = _positions_table(encoder)
+        table, self.learned_positions = positions_table(encoder)
         self.has_positions = encoder.embed_positions is not None
         if table is not None:
             self.register_buffer("position_table", table, persistent=False)
@@ -133,20 +148,8 @@ class ExportEncoder(nn.Module):
         return attn.out_proj(out)
 
     def ffn(self, index: int, layer, x: torch.Tensor, real_tokens: torch.Tensor) -> torch.Tensor:
-        """The layer's FFN (dense, MoE, MoE beside the dense FFN, or the two mixed by the CMR
-        gate): T x B x C -> T x B x C."""
-        key = str(index)
-        if key not in self.moe:
-            return layer.fc2(layer.activation_fn(layer.fc1(x)))
-        y = self.moe[key](x.flatten(0, 1), real_tokens).view_as(x).to(x.dtype)
-        if getattr(layer, "parallel_ffn", False):  # --moe-expert-placement parallel
-            y = y + layer.fc2(layer.activation_fn(layer.fc1(x)))
-        elif getattr(layer, "cmr", False):  # --moe-cmr: (1 - g) * dense + g * MoE
-            gate = layer.cmr_gate
-            g = torch.sigmoid(F.linear(x.float(), gate.weight.float(), gate.bias.float()))
-            dense = layer.fc2(layer.activation_fn(layer.fc1(x)))
-            y = ((1.0 - g) * dense.float() + g * y.float()).to(x.dtype)  # T x B x C
-        return y
+        """The layer's FFN: T x B x C -> T x B x C (``layer_ffn``)."""
+        return layer_ffn(self.moe, index, layer, x, real_tokens)
 
     def forward(self, src_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """src_tokens: B x T -> (encoder_out T x B x C, padding mask B x T, True at padding)."""
@@ -206,41 +209,52 @@ class ExportTranslationEncoder(nn.Module):
 
 
 def model_kind(model) -> str:
-    """``classifier`` for moe_roberta, ``encoder`` for moe_transformer; ExportError otherwise."""
+    """``classifier`` for moe_roberta; ``translation`` for moe_transformer and fairseq's dense
+    ``transformer`` (parts ``translation``, the default, and ``encoder``); ExportError otherwise."""
+    from fairseq.models.transformer import TransformerModel
+
     from ..models.moe_roberta import MoERobertaModel
-    from ..models.moe_transformer import MoETransformerModel
 
     if isinstance(model, MoERobertaModel):
         return "classifier"
-    if isinstance(model, MoETransformerModel):
-        return "encoder"
+    if isinstance(model, TransformerModel):  # MoETransformerModel is one
+        return "translation"
     raise ExportError(
         f"the model is a {type(model).__name__}; the ONNX export supports moe_roberta "
-        "(--part classifier) and moe_transformer (--part encoder)"
+        "(--part classifier) and moe_transformer or fairseq's transformer (--part translation "
+        "or encoder)"
     )
 
 
 def build_export_module(model, part: str, head: str = DEFAULT_HEAD, moe_op: str = "plain"):
-    """The export wrapper of ``model`` (put in eval mode) for ``part``."""
+    """The export wrapper of ``model`` (put in eval mode) for ``part`` (classifier or encoder;
+    the whole translation model is three graphs: ``onnx_decoder.export_translation``)."""
     if part not in PARTS:
         raise ExportError(f"unknown --part {part!r}; expected one of {', '.join(PARTS)}")
     kind = model_kind(model)
-    if kind != part:
-        arch = "moe_roberta" if kind == "classifier" else "moe_transformer"
-        hint = f" ({DECODER_NOT_EXPORTED})" if kind == "encoder" else ""
+    if (kind == "classifier") != (part == "classifier"):
+        arch = "moe_roberta" if kind == "classifier" else "translation"
+        raise ExportError(f"--part {part} does not apply to a {arch} model: use --part {kind}")
+    if part == "translation":
         raise ExportError(
-            f"--part {part} does not apply to a {arch} model: use --part {kind}{hint}"
+            "--part translation is three graphs (encoder, cross_kv, decoder_step): use "
+            "onnx_decoder.export_translation"
         )
+    check_fp32(model)
+    model.eval()
+    if part == "classifier":
+        return ExportClassifier(model, head, moe_op).eval()
+    return ExportTranslationEncoder(model, moe_op).eval()
+
+
+def check_fp32(model) -> None:
+    """ExportError unless the model's experts are fp32 (int8 ones export as ``--moe-op qmoe``)."""
     int8 = str(getattr(getattr(model, "args", None), "moe_int8", "off") or "off")
     if int8 != "off":
         raise ExportError(
             f"the model has int8 weights (moe_int8={int8}); export the fp32 checkpoint (int8 "
             "experts in ONNX: --moe-op qmoe)"
         )
-    model.eval()
-    if part == "classifier":
-        return ExportClassifier(model, head, moe_op).eval()
-    return ExportTranslationEncoder(model, moe_op).eval()
 
 
 def example_inputs(part: str, dictionary, max_positions: int, left_pad: bool = False):

@@ -1,208 +1,193 @@
-"""The FastAPI app: routes, API-key check, metrics, JSON errors.
+"""The FastAPI app: routes over the deployment's models and versions.
 
 Routes:
 - ``POST /v1/translate`` ``{"texts": [...], "target_lang": "de", "source_lang": "en", "beam": 5}``
-  -> ``{"translations": [...], "source_lang", "target_lang", "beam"}`` (translation models;
-  ``target_lang`` is required when the model has several, ``source_lang`` when a target has
-  several sources);
+  -> ``{"translations": [...], "source_lang", "target_lang", "beam", "model", "version"}``
+  (translation models; ``target_lang`` is required when the model has several, ``source_lang``
+  when a target has several sources);
 - ``POST /v1/classify`` ``{"texts": ["...", ...]}`` (or ``[["a", "b"], ...]`` for a model trained
-  on pairs) -> ``{"predictions": [{"label", "probabilities": {label: p}}], "labels"}``;
-- ``GET /healthz`` (always open) and ``GET /metrics`` (Prometheus text; needs the key when keys
-  are on).
+  on pairs) -> ``{"predictions": [{"label", "probabilities": {label: p}}], "labels", "model",
+  "version"}``;
+- both take optional ``"model"`` and ``"version"`` fields (see ``dispatch.py``); the answer
+  names the version in its body and its ``X-Model`` / ``X-Model-Version`` headers;
+- ``GET /healthz`` (always open): the models, their versions (weight, share, shadow, breaker,
+  engine, checkpoint, memory) and, with one model, that model's description at the top level;
+- ``GET /metrics`` (Prometheus text; needs the key when keys are on);
+- ``POST /admin/reload`` (needs the key; refused on a server without keys): re-read the
+  registry file (as SIGHUP does); 200 with what changed, 422 ``invalid_registry`` naming the
+  problem (the running versions keep serving), 409 without ``--registry``.
 
-The route of the other kind of model answers 404 saying what this server serves. Every error is
+A route no model serves answers 404 saying what this server serves. Every error is
 ``{"error": {"kind", "message", ...}}`` with a 4xx status (a 500 only for a failure inside the
-model, logged with its traceback), and is counted in ``fairseq_moe_errors_total{kind}``.
-
-Requests are encoded on the event loop (cheap, and a bad text fails its own request only), then
-awaited on the batcher (``batching.py``), whose worker thread runs the model.
+model, logged with its traceback), and is counted in ``fairseq_moe_errors_total``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import signal
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import ApiKeys
-from .batching import DynamicBatcher
+from .breaker import OPEN
+from .deployment import Deployment
+from .dispatch import REQUEST_FIELDS, Dispatcher
 from .engine import Engine
 from .errors import ServeError
+from .guard import Guard, install_error_handlers, version_headers
 from .inputs import check_fields, optional_int, optional_str, read_json_object, texts_field
 from .metrics import ServeMetrics
+from .registry import DEFAULT_VERSION, registry_of_one
+from .settings import ServeSettings
+from .versions import VersionRuntime, parameter_bytes
+
+__all__ = ["ServeSettings", "create_app", "deployment_of_engine"]
 
 logger = logging.getLogger("fairseq_moe_plugin.serve")
 
 TRANSLATE, CLASSIFY = "/v1/translate", "/v1/classify"
 
 
-@dataclass
-class ServeSettings:
-    """The app's limits (flags of fairseq-moe-serve)."""
+def deployment_of_engine(engine: Engine, settings: ServeSettings) -> Deployment:
+    """The deployment of one loaded engine: model ``default``, version ``v1``."""
+    spec = registry_of_one(engine.checkpoint)
+    (model,) = spec.models.values()
+    params = parameter_bytes(engine)
+    memory = {"rss_delta_mib": None, "parameter_mib": round(params / (1 << 20), 1)}
+    rt = VersionRuntime(model.versions[DEFAULT_VERSION], engine, memory)
+    return Deployment(spec, {rt.label: rt}, ServeMetrics(), settings)
 
-    max_wait_ms: float = 5.0
-    max_texts: int = 64
-    max_body_bytes: int = 1 << 20
-    max_queue_texts: int = 4096
 
+def create_app(served: Engine | Deployment, settings: ServeSettings,
+               api_keys: ApiKeys | None = None):  # fmt: skip
+    """The app serving ``served`` (a deployment, or one engine); the versions' batchers drain
+    with the app's lifespan, and SIGHUP reloads when ``settings.reload_on_sighup``."""
+    deployment = (
+        served if isinstance(served, Deployment) else deployment_of_engine(served, settings)
+    )
+    metrics = deployment.metrics
+    dispatcher = Dispatcher(deployment)
 
-def create_app(engine: Engine, settings: ServeSettings, api_keys: ApiKeys | None = None):
-    """The app serving ``engine``; the batcher's worker starts and stops with the app's
-    lifespan (``close`` drains the queue)."""
-    metrics = ServeMetrics(engine.routing.num_experts, engine.routing.fallback_expert)
+    async def reload(source: str) -> dict:
+        try:
+            report = await deployment.reload()
+        except Exception as e:
+            metrics.reloads.labels(outcome="refused").inc()
+            logger.error("%s: reload refused, the running versions keep serving: %s", source, e,
+                         exc_info=not isinstance(e, ValueError | OSError))  # fmt: skip
+            raise
+        metrics.reloads.labels(outcome="ok").inc()
+        return report
 
-    def on_batch(batch, result) -> None:
-        items = batch.items
-        metrics.observe_batch(engine.route, texts=len(items), requests=len(batch.jobs),
-                              waited=batch.waited, seconds=batch.seconds,
-                              tokens_in=sum(t.numel() for t in items),
-                              tokens_out=result.tokens_out, routing=result.routing)  # fmt: skip
+    async def reload_on_signal() -> None:
+        try:
+            await reload("SIGHUP")
+        except Exception:
+            pass  # logged
 
     @asynccontextmanager
     async def lifespan(app):
-        app.state.batcher = DynamicBatcher(
-            engine.run,
-            max_wait=settings.max_wait_ms / 1000.0,
-            max_batch_tokens=engine.options.max_batch_tokens,
-            max_queue_items=settings.max_queue_texts,
-            on_batch=on_batch,
-        )
+        loop = asyncio.get_running_loop()
+        hup = False
+        if settings.reload_on_sighup and deployment.spec.path is not None:
+            try:
+                loop.add_signal_handler(signal.SIGHUP,
+                                        lambda: asyncio.ensure_future(reload_on_signal()))  # fmt: skip
+                hup = True
+            except (NotImplementedError, RuntimeError, ValueError) as e:  # not the main thread
+                logger.warning("SIGHUP will not reload the registry here: %s", e)
         yield
-        await asyncio.to_thread(app.state.batcher.close)  # drain, then stop the worker
+        if hup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        await dispatcher.close()
+        await deployment.close()  # drain every version's queue, then stop its worker
 
     app = FastAPI(title="fairseq-moe-serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
     app.state.metrics = metrics
-    app.state.engine = engine
+    app.state.deployment = deployment
+    error_response = install_error_handlers(
+        app, metrics, lambda: sorted(set(deployment.routes().values()))
+    )
+    app.add_middleware(Guard, metrics=metrics, api_keys=api_keys, error_response=error_response,
+                       model_routes=(TRANSLATE, CLASSIFY))  # fmt: skip
 
-    def error_response(err: ServeError) -> JSONResponse:
-        metrics.error(err.kind)
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-    @app.exception_handler(ServeError)
-    async def serve_error(request, err: ServeError):
-        return error_response(err)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request, err):
-        if err.status_code == 404:
-            return error_response(ServeError(404, "not_found", f"no route {request.url.path}: "
-                                             f"this server serves POST {engine.route}, GET "
-                                             "/healthz and GET /metrics"))  # fmt: skip
-        if err.status_code == 405:
-            return error_response(ServeError(405, "method_not_allowed", f"{request.method} "
-                                             f"{request.url.path} is not allowed"))  # fmt: skip
-        return error_response(ServeError(err.status_code, "http_error", str(err.detail)))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, err):
-        return error_response(ServeError(422, "invalid_request", str(err.errors()[:1])))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, err):
-        logger.error("internal error on %s: %r", request.url.path, err, exc_info=err)
-        return error_response(ServeError(500, "internal", f"internal error: {type(err).__name__}"))
-
-    class Guard:
-        """API key (all but /healthz), then latency and in-flight metrics of the /v1 routes.
-        A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` (``@app.middleware``) costs
-        a task and a stream per request, which shows at a few hundred requests per second."""
-
-        def __init__(self, app):
-            self.app = app
-
-        async def __call__(self, scope, receive, send):
-            if scope["type"] != "http":
-                return await self.app(scope, receive, send)
-            path = scope["path"]
-            if api_keys is not None and path != "/healthz":
-                if not api_keys.allows(Headers(scope=scope)):
-                    response = error_response(ServeError(401, "unauthorized", "missing or invalid "
-                                                         "API key: send 'Authorization: Bearer "
-                                                         "KEY' or 'X-API-Key: KEY'"))  # fmt: skip
-                    return await response(scope, receive, send)
-            if path not in (TRANSLATE, CLASSIFY):
-                return await self.app(scope, receive, send)
-            status = 500  # unless the app starts a response
-
-            async def send_and_note_status(message):
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
-            start = time.perf_counter()
-            metrics.in_flight.inc()
-            try:
-                await self.app(scope, receive, send_and_note_status)
-            finally:
-                metrics.in_flight.dec()
-                metrics.observe_request(path, status, time.perf_counter() - start)
-
-    app.add_middleware(Guard)
-
-    async def run(request, key, items) -> list:
-        """The batch outputs of ``items``; a failure inside the model is a logged 500."""
-        try:
-            return await request.app.state.batcher.submit(key, items)
-        except ServeError:
-            raise
-        except Exception as e:  # the batcher logged the traceback
-            raise ServeError(500, "internal", f"the model failed: {type(e).__name__}") from e
-
-    def not_served(route: str) -> ServeError:
-        what = "a translation model" if engine.kind == "translation" else "a classifier"
-        return ServeError(404, "route_not_served", f"{route} is not served here: this server "
-                          f"serves {what} at POST {engine.route}", serves=engine.route)  # fmt: skip
+    def answer(body: dict, rt) -> JSONResponse:
+        model, version = rt.label
+        return JSONResponse({**body, "model": model, "version": version},
+                            headers=version_headers(model, version))  # fmt: skip
 
     @app.get("/healthz")
     async def healthz(request: Request):
-        return {"status": "ok", **engine.describe(),
-                "queue_texts": request.app.state.batcher.queued_items}  # fmt: skip
+        described = deployment.describe()
+        out = {"status": "ok"}
+        if len(deployment.spec.models) == 1:  # one model: its description, as before registries
+            (name,) = deployment.spec.models
+            first = next(rt for rt in deployment.model_versions(name) if not rt.spec.shadow)
+            out.update(first.engine.describe())
+        states = [rt.breaker.state for rt in deployment.versions.values()]
+        if OPEN in states:
+            out["status"] = "degraded"
+        out.update(described)
+        out["queue_texts"] = sum(rt.batcher.queued_items for rt in deployment.versions.values())
+        return out
 
     @app.get("/metrics")
     async def metrics_route(request: Request):
-        metrics.queue.set(request.app.state.batcher.queued_items)
+        deployment.refresh_gauges()
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    @app.post("/admin/reload")
+    async def admin_reload(request: Request):
+        if api_keys is None:
+            raise ServeError(403, "admin_disabled", "reloading over HTTP needs API keys: start "
+                             "the server with --api-key-file (or send it SIGHUP)")  # fmt: skip
+        if deployment.spec.path is None:
+            raise ServeError(409, "no_registry", "this server serves one checkpoint (started "
+                             "without --registry): there is no registry to reload")  # fmt: skip
+        try:
+            report = await reload("POST /admin/reload")
+        except Exception as e:
+            raise ServeError(422, "invalid_registry", f"reload refused, the running versions "
+                             f"keep serving: {e}") from e  # fmt: skip
+        return {"status": "reloaded", **report, **deployment.describe()}
+
     @app.post(TRANSLATE)
     async def translate(request: Request):
-        if engine.kind != "translation":
-            raise not_served(TRANSLATE)
         body = await read_json_object(request, settings.max_body_bytes)
-        check_fields(body, TRANSLATE, ("texts", "target_lang", "source_lang", "beam"))
-        texts = texts_field(body, settings.max_texts)
-        target_lang, source_lang = (
-            optional_str(body, "target_lang"),
-            optional_str(body, "source_lang"),
-        )
-        beam = engine.check_beam(optional_int(body, "beam"))
-        source_lang, target_lang = engine.resolve_languages(target_lang, source_lang)
-        items = [engine.encode(t, f"texts[{i}]", source_lang, target_lang)
-                 for i, t in enumerate(texts)]  # fmt: skip
-        outputs = await run(request, (source_lang, target_lang, beam), items)
-        return JSONResponse({"translations": outputs, "source_lang": source_lang,
-                             "target_lang": target_lang, "beam": beam})  # fmt: skip
+        check_fields(body, TRANSLATE, ("texts", "target_lang", "source_lang", "beam",
+                                       *REQUEST_FIELDS))  # fmt: skip
+
+        def prepare(engine):
+            texts = texts_field(body, settings.max_texts)
+            target_lang, source_lang = (optional_str(body, "target_lang"),
+                                        optional_str(body, "source_lang"))  # fmt: skip
+            beam = engine.check_beam(optional_int(body, "beam"))
+            source_lang, target_lang = engine.resolve_languages(target_lang, source_lang)
+            items = [engine.encode(t, f"texts[{i}]", source_lang, target_lang)
+                     for i, t in enumerate(texts)]  # fmt: skip
+            fields = {"source_lang": source_lang, "target_lang": target_lang, "beam": beam}
+            return (source_lang, target_lang, beam), items, fields
+
+        outputs, fields, rt = await dispatcher.serve(request, TRANSLATE, body, prepare)
+        return answer({"translations": outputs, **fields}, rt)
 
     @app.post(CLASSIFY)
     async def classify(request: Request):
-        if engine.kind != "classification":
-            raise not_served(CLASSIFY)
         body = await read_json_object(request, settings.max_body_bytes)
-        check_fields(body, CLASSIFY, ("texts",))
-        texts = texts_field(body, settings.max_texts, pairs=True)
-        items = [engine.encode(t, f"texts[{i}]") for i, t in enumerate(texts)]
-        outputs = await run(request, "classify", items)
-        return JSONResponse({"predictions": outputs, "labels": engine.labels})
+        check_fields(body, CLASSIFY, ("texts", *REQUEST_FIELDS))
+
+        def prepare(engine):
+            texts = texts_field(body, settings.max_texts, pairs=True)
+            items = [engine.encode(t, f"texts[{i}]") for i, t in enumerate(texts)]
+            return "classify", items, {"labels": engine.labels}
+
+        outputs, fields, rt = await dispatcher.serve(request, CLASSIFY, body, prepare)
+        return answer({"predictions": outputs, **fields}, rt)
 
     return app

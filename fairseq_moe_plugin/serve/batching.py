@@ -191,12 +191,12 @@ class DynamicBatcher:
                     job.future.set_exception(e)
             return
         batch.seconds = time.perf_counter() - start
-        first = 0
-        for job in batch.jobs:
-            job.future.set_result(result.outputs[first : first + len(job.items)])
-            first += len(job.items)
-        if self.on_batch is not None:
+        if self.on_batch is not None:  # before the answers: a client that got one sees it
             try:
                 self.on_batch(batch, result)
             except Exception:  # metrics must never stop the worker
                 logger.exception("on_batch failed")
+        first = 0
+        for job in batch.jobs:
+            job.future.set_result(result.outputs[first : first + len(job.items)])
+            first += len(job.items)

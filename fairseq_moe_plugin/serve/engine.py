@@ -18,6 +18,7 @@ What an engine adds to fairseq's inference helpers: batches cut by padded size
 from __future__ import annotations
 
 import logging
+import os
 
 from .engine_base import BatchResult, Engine, EngineOptions, TextEncoder
 
@@ -26,12 +27,35 @@ __all__ = ["BatchResult", "Engine", "EngineOptions", "TextEncoder", "load_engine
 logger = logging.getLogger("fairseq_moe_plugin.serve")
 
 
-def load_engine(checkpoint: str, options: EngineOptions) -> Engine:
-    """Load ``checkpoint`` and return the engine for its kind.
+def load_engine(checkpoint: str, options: EngineOptions, dictionaries=None) -> Engine:
+    """Load ``checkpoint`` and return the engine for its kind (``options.engine``: ``torch``,
+    or ``onnx``, which ``onnx_translation.load_onnx_engine`` loads).
+
+    ``dictionaries``: a ``dictionaries.DictionaryPool``; the task's and model's dictionaries
+    are replaced by the pool's equal ones before the engine is built (one copy across versions).
 
     Raises ``checkpoint_io.CheckpointError`` (a ValueError) naming the file when it cannot be
     loaded or is neither a translation nor a classification model."""
     from fairseq_moe_plugin.checkpoint_io import CheckpointError, load_model_ensemble_and_task
+
+    if options.engine == "onnx":
+        try:
+            from .onnx_translation import load_onnx_engine
+        except ModuleNotFoundError as e:
+            if e.name != f"{__package__}.onnx_translation":
+                raise
+            raise CheckpointError(
+                f"{checkpoint}: engine onnx is not available in this installation "
+                f"({__package__}.onnx_translation is missing): serve it with engine torch"
+            ) from e
+        return load_onnx_engine(checkpoint, options)
+    if options.engine != "torch":
+        raise CheckpointError(f"{checkpoint}: unknown engine {options.engine!r} (torch, onnx)")
+    if os.path.isdir(checkpoint):
+        raise CheckpointError(
+            f"{checkpoint}: is a folder, not a checkpoint file: an ONNX export folder "
+            "(fairseq-moe-export-onnx --part translation) is served with engine onnx"
+        )
 
     overrides: dict = {}
     if options.data is not None:
@@ -42,6 +66,7 @@ def load_engine(checkpoint: str, options: EngineOptions) -> Engine:
         checkpoint, key_file=options.key_file, arg_overrides=overrides or None
     )
     model = models[0].eval().to(options.device)
+    sharing = dictionaries.share(task, model) if dictionaries is not None else None
     from fairseq.tasks.translation import TranslationTask
     from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
@@ -63,6 +88,7 @@ def load_engine(checkpoint: str, options: EngineOptions) -> Engine:
             )
     except ValueError as e:
         raise CheckpointError(f"{checkpoint}: cannot serve it: {e}") from e
+    engine.dictionary_sharing = sharing
     logger.info(
         "loaded %s (%s, %s, MoE layers: %s)",
         checkpoint,

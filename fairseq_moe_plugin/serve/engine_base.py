@@ -42,6 +42,7 @@ class EngineOptions:
     max_beam: int = 16
     max_len_a: float | None = None  # None: the checkpoint's generation settings
     max_len_b: int | None = None
+    engine: str = "torch"  # --engine: torch, or onnx (serve/onnx_translation.py)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Engine:
 
     kind = ""
     route = ""
+    dictionary_sharing: dict | None = None  # what ``DictionaryPool.share`` did at load
 
     def __init__(self, model, task, cfg, options: EngineOptions, checkpoint: str):
         self.model = model

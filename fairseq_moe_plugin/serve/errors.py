@@ -20,6 +20,14 @@ class ServeError(Exception):
         self.kind = kind
         self.message = message
         self.details = details
+        self.model = self.version = ""  # set once the request's version is known
+        self.headers: dict[str, str] = {}  # extra response headers (e.g. Retry-After)
+
+    def at(self, model: str, version: str) -> ServeError:
+        """This error, labelled with the version that refused it (metrics, headers)."""
+        if not self.model:
+            self.model, self.version = model, version
+        return self
 
     def body(self) -> dict:
         return {"error": {"kind": self.kind, "message": self.message, **self.details}}

@@ -383,6 +383,8 @@ def test_serve_command_refuses_bad_setup(models, tmp_path, capsys):
         ([str(models["cls"]), "--max-wait-ms", "-1"], "--max-wait-ms must be >= 0"),
         ([str(models["cls"]), "--beam", "8", "--max-beam", "4"], "larger than --max-beam"),
         ([str(models["spm"])], "cannot read"),  # not a checkpoint
+        ([str(tmp_path)], "is a folder: serve an ONNX export folder"),
+        ([str(models["cls"]), "--engine", "onnx"], "serves an ONNX export folder"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

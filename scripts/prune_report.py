@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Launcher of ``fairseq_moe_cli/prune_report.py`` (same flags and outputs as the console command
+``fairseq-moe-prune-report``, which ``pip install`` puts on PATH). See that module for the documentation."""
+
+import sys
+
+from fairseq_moe_cli.prune_report import main
+
+if __name__ == "__main__":
+    sys.exit(main())
