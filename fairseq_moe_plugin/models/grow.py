@@ -89,9 +89,10 @@ def expert_type(state: dict, prefix: str) -> str:
     raise ValueError(f"MoE layer {prefix} has neither {kinds}")
 
 
-def _layer_keys(state: dict, prefix: str) -> tuple[type[Experts], list[str]]:
+def layer_keys(state: dict, prefix: str, verb: str = "grow") -> tuple[type[Experts], list[str]]:
     """The layer's expert kind and per-expert stack names; ValueError naming a key under
-    ``P.gate.`` or ``P.experts.`` that growth does not know how to extend."""
+    ``P.gate.`` or ``P.experts.`` that growth (or pruning: ``verb``) does not know how to
+    resize."""
     expert_class = EXPERT_KINDS[expert_type(state, prefix)]
     kind = expert_class.kind
     stacks = list(expert_class.STACKED)
@@ -99,19 +100,23 @@ def _layer_keys(state: dict, prefix: str) -> tuple[type[Experts], list[str]]:
     known |= {f"{prefix}.experts.{s}" for s in expert_class.SHARED_STATE}
     for key in state:
         if key.startswith((f"{prefix}.gate.", f"{prefix}.experts.")) and key not in known:
-            raise ValueError(f"cannot grow {key}: not a router or {kind} expert tensor known here")
+            raise ValueError(
+                f"cannot {verb} {key}: not a router or {kind} expert tensor known here"
+            )
     missing = [s for s in stacks if f"{prefix}.experts.{s}" not in state]
     if missing:
         raise ValueError(f"MoE layer {prefix} lacks its {kind} expert tensors {missing}")
     return expert_class, stacks
 
 
-def _expert_count(state: dict, prefixes: list[str], cfg) -> int:
-    """E, checked to agree across every router, expert stack, usage buffer and the config."""
+def expert_count(state: dict, prefixes: list[str], cfg,
+                 gate_keys=("wg.weight", "wg.bias", "usage_ema"), verb: str = "grow") -> int:  # fmt: skip
+    """E, checked to agree across every router, expert stack, per-expert gate buffer
+    (``gate_keys``) and the config."""
     counts = {}
     for prefix in prefixes:
-        _, stacks = _layer_keys(state, prefix)
-        keys = [f"{prefix}.gate.wg.weight", f"{prefix}.gate.wg.bias", f"{prefix}.gate.usage_ema"]
+        _, stacks = layer_keys(state, prefix, verb)
+        keys = [f"{prefix}.gate.{g}" for g in gate_keys]
         keys += [f"{prefix}.experts.{s}" for s in stacks]
         counts.update({k: int(state[k].shape[0]) for k in keys if k in state})
     if len(set(counts.values())) != 1:
@@ -267,13 +272,13 @@ def grow_state_dict(state: dict, cfg, num_new: int, router_init: str = "offset",
     prefixes = moe_layer_prefixes(state)
     if not prefixes:
         raise ValueError(f"no MoE layer in the state dict (no key ends with .moe{ROUTER_SUFFIX})")
-    num_experts = _expert_count(state, prefixes, cfg)
+    num_experts = expert_count(state, prefixes, cfg)
     sources = _check_args(num_new, router_init, offset, noise, source_experts, num_experts, cfg)
     temperature = float(config_value(cfg, "moe_router_temperature", 1.0))
     generator = torch.Generator().manual_seed(seed)
     new = dict(state)
     for prefix in prefixes:
-        kind, _ = _layer_keys(state, prefix)
+        kind, _ = layer_keys(state, prefix)
         _grow_router(state, new, prefix, sources, num_new, offset, noise, generator, temperature)
         _grow_experts(state, new, prefix, kind, sources, num_new, noise, generator)
     updates = {"moe_expert_count": num_experts + num_new, "moe_router_bias": True}

@@ -47,10 +47,10 @@ import math
 import numpy as np
 import torch
 
-from ..modules.expert_kinds import EXPERT_KINDS
 from ..modules.routing import routing_method
 from ..naming import layer_side
-from .grow import GATE_KEYS, config_value, expert_type, moe_layer_prefixes
+from .grow import config_value, layer_keys, moe_layer_prefixes
+from .grow import expert_count as grow_expert_count
 
 SCORES = ("load", "weighted-load")
 CRITERIA = (*SCORES, "language")
@@ -192,17 +192,9 @@ def check_prunable(cfg) -> None:
 
 def layer_stacks(state: dict, prefix: str) -> list[str]:
     """The layer's per-expert stack names (its expert kind's ``STACKED``); ValueError naming a
-    key under ``P.gate.`` or ``P.experts.`` that pruning does not know how to slice."""
-    kind = EXPERT_KINDS[expert_type(state, prefix)]
-    known = {f"{prefix}.experts.{s}" for s in (*kind.STACKED, *kind.SHARED_STATE)}
-    known |= {f"{prefix}.gate.{g}" for g in GATE_KEYS}
-    for key in state:
-        if key.startswith((f"{prefix}.gate.", f"{prefix}.experts.")) and key not in known:
-            raise ValueError(f"cannot prune {key}: not a router or {kind.kind} expert tensor")
-    missing = [s for s in kind.STACKED if f"{prefix}.experts.{s}" not in state]
-    if missing:
-        raise ValueError(f"MoE layer {prefix} lacks its {kind.kind} expert tensors {missing}")
-    return list(kind.STACKED)
+    key under ``P.gate.`` or ``P.experts.`` that pruning does not know how to slice
+    (``grow.layer_keys``, growth's twin check)."""
+    return layer_keys(state, prefix, "prune")[1]
 
 
 def expert_count(state: dict, cfg=None) -> tuple[list[str], int]:
@@ -212,20 +204,7 @@ def expert_count(state: dict, cfg=None) -> tuple[list[str], int]:
     if not prefixes:
         raise ValueError("no MoE layer in the checkpoint (no key ends with .moe.gate.wg.weight): "
                          "a dense checkpoint has no experts to prune")  # fmt: skip
-    counts = {}
-    for prefix in prefixes:
-        keys = [f"{prefix}.gate.{g}" for g in PER_EXPERT_GATE]
-        keys += [f"{prefix}.experts.{s}" for s in layer_stacks(state, prefix)]
-        counts.update({k: int(state[k].shape[0]) for k in keys if k in state})
-    if len(set(counts.values())) != 1:
-        listing = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        raise ValueError(f"inconsistent expert counts in the checkpoint ({listing})")
-    count = next(iter(counts.values()))
-    configured = config_value(cfg, "moe_expert_count")
-    if configured is not None and int(configured) != count:
-        raise ValueError(f"the checkpoint's config says moe_expert_count={configured} but its "
-                         f"MoE layers have {count} experts")  # fmt: skip
-    return prefixes, count
+    return prefixes, grow_expert_count(state, prefixes, cfg, PER_EXPERT_GATE, "prune")
 
 
 def prune_state_dict(state: dict, kept: dict[str, list[int]]) -> dict:
